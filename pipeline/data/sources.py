@@ -1,0 +1,225 @@
+"""Data sources: built-in clutter digits, scikit-image photos, an image folder, a manifest file."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline.cache import Cache, atomic_write_bytes, make_key, sha256_file
+from pipeline.data.clutter import ClutterParams, generate
+from pipeline.data.images import IMAGE_EXTENSIONS, ScanResult, scan_file
+from pipeline.errors import PipelineError, suggest
+
+log = logging.getLogger(__name__)
+
+RECORD_COLUMNS = ["image_id", "path", "label", "split", "box_x0", "box_y0", "box_x1", "box_y1"]
+BOX_COLUMNS = ["box_x0", "box_y0", "box_x1", "box_y1"]
+DATA_VERSION = 1
+PHOTO_NAMES = ("chelsea", "coffee", "astronaut", "rocket", "motorcycle_left", "cat", "hubble_deep_field",
+               "immunohistochemistry", "retina", "camera", "horse", "page")
+
+
+@dataclass
+class DatasetBundle:
+    """A dataset's records, its own class names, its quarantined files and a content key."""
+
+    name: str
+    records: pd.DataFrame
+    class_names: list[str] | None
+    quarantine: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame({"path": pd.Series(dtype=str), "reason": pd.Series(dtype=str)}))
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            self.key = make_key(kind="dataset", ids=self.records["image_id"].tolist(),
+                                labels=self.records["label"].astype("float64").fillna(-1).tolist(),
+                                splits=self.records["split"].tolist())
+
+
+def _records(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """A records table with the standard columns and dtypes."""
+    df = pd.DataFrame(rows, columns=RECORD_COLUMNS)
+    df["label"] = df["label"].astype("Int64")
+    for c in BOX_COLUMNS:
+        df[c] = df[c].astype("float64")
+    df["split"] = df["split"].fillna("all").astype(str)
+    return df.reset_index(drop=True)
+
+
+def scan(paths: Iterable[str | Path], cache: Cache | None) -> tuple[dict[str, ScanResult], pd.DataFrame]:
+    """Validate files (cached by path, size and mtime) and warn once per bad file.
+
+    Returns the good files' results by path, and the quarantine table.
+    """
+    paths = [os.path.abspath(p) for p in paths]
+    index_path = cache.root / "scan" / f"{make_key(kind='scan', paths=sorted(paths))}.parquet" if cache else None
+    known: dict[tuple[str, int, int], ScanResult] = {}
+    if index_path is not None and index_path.exists():
+        old = pd.read_parquet(index_path)
+        for r in old.itertuples(index=False):
+            known[(r.path, int(r.size), int(r.mtime_ns))] = ScanResult(
+                r.path, r.image_id, None if pd.isna(r.width) else int(r.width),
+                None if pd.isna(r.height) else int(r.height), r.reason)
+    results: dict[str, ScanResult] = {}
+    rows = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            sig = (p, st.st_size, st.st_mtime_ns)
+        except OSError:
+            sig = None
+        res = known.get(sig) if sig else None
+        if res is None:
+            res = scan_file(p)
+        results[p] = res
+        if sig:
+            rows.append({"path": p, "size": sig[1], "mtime_ns": sig[2], "image_id": res.image_id,
+                         "width": res.width, "height": res.height, "reason": res.reason})
+    if index_path is not None and rows:
+        buf = pd.DataFrame(rows).to_parquet(index=False)
+        atomic_write_bytes(index_path, buf)
+    bad = [(p, r.reason) for p, r in results.items() if r.reason]
+    for p, reason in bad:
+        log.warning("skipping %s: %s", p, reason)
+    quarantine = pd.DataFrame(bad, columns=["path", "reason"]).astype(str)
+    good = {p: r for p, r in results.items() if not r.reason}
+    return good, quarantine
+
+
+def _clutter(cfg: Any, cache: Cache) -> DatasetBundle:
+    """Generate (once, cached by parameters) and return the clutter-digits dataset."""
+    p = ClutterParams(**{k: cfg[k] for k in ClutterParams.__dataclass_fields__ if k in cfg})
+    key = make_key(kind="data", name="clutter_digits", version=DATA_VERSION, params=p.__dict__)
+    folder = cache.get("data", key)
+    if folder is None:
+        with cache.write("data", key, {"name": "clutter_digits", "params": p.__dict__}) as tmp:
+            rows = []
+            for item in generate(p):
+                rel = Path("images") / item["split"] / f"{item['index']:05d}_{item['label']}.png"
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(item["pixels"], "L").save(tmp / rel)
+                x0, y0, x1, y1 = item["box"]
+                rows.append({"path": str(rel), "label": item["label"], "split": item["split"],
+                             "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1})
+            table = pd.DataFrame(rows)
+            table["image_id"] = [sha256_file(tmp / r) for r in table["path"]]
+            table.to_parquet(tmp / "manifest.parquet", index=False)
+        folder = cache.path("data", key)
+    table = pd.read_parquet(folder / "manifest.parquet")
+    table["path"] = [str(folder / r) for r in table["path"]]
+    return DatasetBundle("clutter_digits", _records(table.to_dict("records")), [str(i) for i in range(10)])
+
+
+def _photos(cfg: Any, cache: Cache) -> DatasetBundle:
+    """scikit-image's sample photos, written once as PNG files so they have byte-level ids."""
+    import skimage.data
+
+    names = list(cfg.get("names") or PHOTO_NAMES)
+    for n in names:
+        if not callable(getattr(skimage.data, n, None)):
+            raise PipelineError(f"unknown scikit-image photo '{n}'.{suggest(n, PHOTO_NAMES)} "
+                                f"Choose from: {', '.join(PHOTO_NAMES)}.")
+    key = make_key(kind="data", name="photos", version=DATA_VERSION, names=names)
+    folder = cache.get("data", key)
+    if folder is None:
+        with cache.write("data", key, {"name": "photos", "names": names}) as tmp:
+            for n in names:
+                arr = np.asarray(getattr(skimage.data, n)())
+                if arr.dtype != np.uint8:
+                    arr = (255 * (arr - arr.min()) / max(float(np.ptp(arr)), 1e-12)).astype(np.uint8)
+                Image.fromarray(arr).save(tmp / f"{n}.png")
+        folder = cache.path("data", key)
+    good, quarantine = scan([folder / f"{n}.png" for n in names], cache)
+    rows = [{"image_id": r.image_id, "path": p, "label": None, "split": "all"} for p, r in good.items()]
+    return DatasetBundle("photos", _records(rows), None, quarantine)
+
+
+def _require_dir(path: str | None, what: str) -> Path:
+    """A dataset folder that exists and is a folder, else a clear error."""
+    if not path:
+        raise PipelineError(f"{what}: no path given. Set it, e.g. data.path=/path/to/images.")
+    p = Path(os.path.abspath(Path(path).expanduser()))
+    if not p.is_dir():
+        raise PipelineError(f"{what}: folder '{p}' does not exist. Check data.path.")
+    return p
+
+
+def _listed(f: Path, exts: tuple[str, ...]) -> bool:
+    """A visible file (or a link, even a broken one, so that it is reported) with an image extension."""
+    return (f.is_file() or f.is_symlink()) and not f.name.startswith(".") and f.suffix.lower() in exts
+
+
+def _imagefolder(cfg: Any, cache: Cache) -> DatasetBundle:
+    """A folder of images, flat (no labels) or with one subfolder per class (ImageFolder)."""
+    root = _require_dir(cfg.get("path"), "data=imagefolder")
+    exts = tuple(e.lower() for e in (cfg.get("extensions") or IMAGE_EXTENSIONS))
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classes:
+        files = [(f, ci) for ci, c in enumerate(classes) for f in sorted((root / c).rglob("*")) if _listed(f, exts)]
+    else:
+        files = [(f, None) for f in sorted(root.iterdir()) if _listed(f, exts)]
+    if not files:
+        raise PipelineError(f"data=imagefolder: no images with extensions {', '.join(exts)} under '{root}'. "
+                            "Point data.path at a folder of images (flat or one subfolder per class).")
+    good, quarantine = scan([f for f, _ in files], cache)
+    split = str(cfg.get("split") or "all")
+    rows = [{"image_id": good[str(f)].image_id, "path": str(f), "label": ci, "split": split}
+            for f, ci in files if str(f) in good]
+    return DatasetBundle(f"imagefolder:{root.name}", _records(rows), classes or None, quarantine)
+
+
+def _manifest(cfg: Any, cache: Cache) -> DatasetBundle:
+    """A CSV or Parquet file with a ``path`` column and optional label, box and split columns."""
+    path = cfg.get("path")
+    if not path or not Path(path).expanduser().is_file():
+        raise PipelineError(f"data=manifest: file '{path}' does not exist. Set data.path to a CSV or Parquet file.")
+    mpath = Path(os.path.abspath(Path(path).expanduser()))
+    table = pd.read_parquet(mpath) if mpath.suffix.lower() in (".parquet", ".pq") else pd.read_csv(mpath)
+    if "path" not in table.columns:
+        raise PipelineError(f"data=manifest: '{mpath}' has no 'path' column (columns: {', '.join(table.columns)}).")
+    if table.empty:
+        raise PipelineError(f"data=manifest: '{mpath}' lists no images.")
+    base = Path(cfg.get("root") or mpath.parent)
+    table["path"] = [os.path.abspath(base / p) for p in table["path"].astype(str)]
+    class_names = None
+    if "label" in table.columns and not pd.api.types.is_numeric_dtype(table["label"]):
+        class_names = sorted(table["label"].dropna().astype(str).unique())
+        table["label"] = table["label"].map({c: i for i, c in enumerate(class_names)})
+    good, quarantine = scan(table["path"], cache)
+    table = table[table["path"].isin(good)].copy()
+    table["image_id"] = [good[p].image_id for p in table["path"]]
+    for c in RECORD_COLUMNS:
+        if c not in table.columns:
+            table[c] = None
+    return DatasetBundle(f"manifest:{mpath.name}", _records(table[RECORD_COLUMNS].to_dict("records")),
+                         class_names, quarantine)
+
+
+SOURCES: dict[str, Callable[[Any, Cache], DatasetBundle]] = {
+    "clutter_digits": _clutter,
+    "photos": _photos,
+    "imagefolder": _imagefolder,
+    "manifest": _manifest,
+}
+
+
+def load_dataset(cfg: Any, cache: Cache) -> DatasetBundle:
+    """Build the dataset named by ``cfg.source``; an empty result is a clear error."""
+    source = cfg.get("source")
+    if source not in SOURCES:
+        raise PipelineError(f"unknown data source '{source}'.{suggest(str(source), SOURCES)} "
+                            f"Choose one of: {', '.join(SOURCES)}.")
+    bundle = SOURCES[source](cfg, cache)
+    if bundle.records.empty:
+        raise PipelineError(f"data={source}: no usable images ({len(bundle.quarantine)} quarantined). "
+                            "Check the path and the files.")
+    return bundle

@@ -1,0 +1,278 @@
+"""Class activation maps (Zhou et al. 2016) and the localizer conversion for networks without a
+global-average-pooling head.
+
+For a network ending in ``conv maps A -> global average pooling -> Linear``, the class score is
+``sum_c w[k, c] * mean(A_c) + b_k``, so ``CAM_k = sum_c w[k, c] * A_c`` shows where the score comes
+from. A network with a flatten + fully-connected head is converted first: keep its trunk up to a
+conv layer, add GAP and a new Linear trained on the pooled features (``GapLocalizer``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from pipeline.errors import PipelineError
+from pipeline.methods.hooks import (Target, check_target, forward_until, get_layer,
+                                    require_conv_output, upsample)
+
+CONVERSION_HINT = (
+    "Convert it to a CAM localizer first (GapLocalizer: the trunk up to its last conv layer + "
+    "global average pooling + a new Linear trained with fit_gap_head on pooled features), "
+    "or use Grad-CAM, which works on any conv layer.")
+
+
+class GapHead(NamedTuple):
+    """Where CAM reads a network: ``layer`` (4-D maps), averaged and fed to Linear ``fc``."""
+
+    layer: str
+    fc: str
+
+
+def _allclose(a: torch.Tensor, b: torch.Tensor) -> bool:
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, scale))
+
+
+class _Trace(NamedTuple):
+    """Every module's output from one forward pass, in completion order."""
+
+    names: list[str]
+    linear_inputs: list[object]  # a Linear's input, None for other modules
+    outputs: list[object]
+    feature_maps: list[int]  # indexes of honest 4-D outputs with more than one position
+    logits: torch.Tensor
+
+
+def _trace(model: nn.Module, x: torch.Tensor) -> _Trace:
+    """Run ``model`` on ``x`` recording all module outputs; a feature map counts only if its
+    module ran once and nothing changed the tensor in place afterwards."""
+    modules = {m: n for n, m in model.named_modules() if n}
+    calls: Counter[str] = Counter()
+    names: list[str] = []
+    linear_inputs: list[object] = []
+    outputs: list[object] = []
+    versions: list[int] = []
+
+    def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+        calls[modules[module]] += 1
+        names.append(modules[module])
+        linear_inputs.append(inputs[0] if isinstance(module, nn.Linear) and inputs else None)
+        outputs.append(output)
+        versions.append(output._version if isinstance(output, torch.Tensor) else -1)
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    maps = [i for i, out in enumerate(outputs)
+            if isinstance(out, torch.Tensor) and out._version == versions[i] and out.dim() == 4
+            and out.shape[-2:].numel() > 1 and calls[names[i]] == 1]
+    return _Trace(names, linear_inputs, outputs, maps, logits)
+
+
+def last_feature_map(model: nn.Module, x: torch.Tensor) -> str:
+    """The innermost layer returning the last spatial (4-D, more than 1x1) feature map, found by
+    one forward pass on ``x``: the layer to convert a flatten + FC classifier at."""
+    trace = _trace(model, x)
+    if not trace.feature_maps:
+        raise PipelineError(f"{type(model).__name__} has no layer with a spatial 4-D output "
+                            "(B,C,H,W) that runs once per forward pass.")
+    last = trace.outputs[trace.feature_maps[-1]]
+    return next(trace.names[i] for i in trace.feature_maps if trace.outputs[i] is last)
+
+
+def find_gap_head(model: nn.Module, x: torch.Tensor) -> GapHead:
+    """Find the conv layer and Linear that form a GAP + linear head, by one forward pass on ``x``.
+
+    The head's Linear is the last one that produces the logits; its layer is the first module
+    (in completion order, so the innermost; called only once; output not changed in place later)
+    whose 4-D output averaged over space equals that Linear's input. This finds pooling done by
+    a module or by a plain ``mean``.
+    Raises a PipelineError suggesting the localizer conversion when there is no such head.
+    """
+    trace = _trace(model, x)
+    fc_index = next((i for i in range(len(trace.names) - 1, -1, -1)
+                     if trace.linear_inputs[i] is not None
+                     and isinstance(trace.outputs[i], torch.Tensor)
+                     and _allclose(trace.outputs[i], trace.logits)), None)
+    if fc_index is None:
+        raise PipelineError(f"{type(model).__name__} has no Linear layer producing its logits, "
+                            f"so CAM does not apply. {CONVERSION_HINT}")
+    feats = trace.linear_inputs[fc_index]
+    before = [i for i in trace.feature_maps if i < fc_index]
+    if isinstance(feats, torch.Tensor) and feats.dim() == 2:
+        for i in before:
+            if _allclose(trace.outputs[i].mean(dim=(2, 3)), feats):
+                return GapHead(trace.names[i], trace.names[fc_index])
+    last = ""
+    if before:  # name the innermost module that returned the last feature map
+        last_out = trace.outputs[before[-1]]
+        last_name = next(trace.names[i] for i in before if trace.outputs[i] is last_out)
+        last = f" Its last conv feature map is '{last_name}'."
+    raise PipelineError(
+        f"{type(model).__name__} has no global-average-pooling + linear head: its logits layer "
+        f"'{trace.names[fc_index]}' does not read the spatial mean of a conv feature map, so CAM "
+        f"does not apply.{last} {CONVERSION_HINT}")
+
+
+def cam(model: nn.Module, x: torch.Tensor, target: Target,
+        head: GapHead | None = None) -> torch.Tensor:
+    """Class activation maps (B,H,W) at the input resolution, signed and unnormalised.
+
+    ``head`` defaults to :func:`find_gap_head` on the first image; an explicit head is trusted to
+    be a GAP + linear head (only its shapes are checked). On such a network, at the layer's
+    resolution, ReLU(CAM) equals Grad-CAM at the same layer times the layer's h*w positions
+    (here CAM is upsampled before any ReLU, Grad-CAM after its ReLU).
+    """
+    head = head or find_gap_head(model, x[:1])
+    fc = get_layer(model, head.fc)
+    if not isinstance(fc, nn.Linear):
+        raise PipelineError(f"CAM needs a Linear layer for the class weights, but '{head.fc}' is "
+                            f"a {type(fc).__name__}.")
+    with torch.no_grad():
+        act = forward_until(model, head.layer, x)
+    require_conv_output(act, head.layer, model, "CAM")
+    if act.shape[1] != fc.in_features:
+        raise PipelineError(
+            f"Layer '{head.layer}' has {act.shape[1]} channels but '{head.fc}' takes "
+            f"{fc.in_features} features, so they do not form a GAP + linear head. "
+            f"{CONVERSION_HINT}")
+    t = check_target(target, fc.out_features, x.shape[0]).to(fc.weight.device)
+    maps = torch.einsum("bc,bchw->bhw", fc.weight.detach()[t].to(act.dtype), act)
+    return upsample(maps, tuple(x.shape[-2:]))
+
+
+def cam_box(maps: torch.Tensor, fraction: float = 0.2) -> torch.Tensor:
+    """Bounding box of the largest 8-connected region where a map is >= ``fraction`` of its max.
+
+    ``maps`` is (H,W) or (B,H,W); returns int64 (4,) or (B,4) boxes ``(x0, y0, x1, y1)`` in pixels,
+    with x1 and y1 exclusive. A map with no positive value gives the whole image. The 0.2 default
+    is the CAM paper's threshold.
+    """
+    if not 0 <= fraction <= 1:
+        raise PipelineError(f"The CAM box threshold is a fraction of the max in [0, 1], got "
+                            f"{fraction}.")
+    single = maps.dim() == 2
+    arr = maps.detach().float().cpu().numpy()
+    arr = arr[None] if single else arr
+    boxes = np.empty((arr.shape[0], 4), dtype=np.int64)
+    for i, m in enumerate(arr):
+        top = m.max()
+        if not top > 0:
+            boxes[i] = (0, 0, m.shape[1], m.shape[0])
+            continue
+        labels, _ = ndimage.label(m >= fraction * top, structure=np.ones((3, 3)))
+        biggest = np.bincount(labels.ravel())[1:].argmax() + 1
+        ys, xs = np.nonzero(labels == biggest)
+        boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    out = torch.from_numpy(boxes)
+    return out[0] if single else out
+
+
+class Trunk(nn.Module):
+    """A model run only as far as one layer (see :func:`forward_until`); shares its parameters."""
+
+    def __init__(self, model: nn.Module, layer: str) -> None:
+        super().__init__()
+        get_layer(model, layer)
+        self.model = model
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return forward_until(self.model, self.layer, x)
+
+
+class GapLocalizer(nn.Module):
+    """A classifier converted for CAM: its trunk up to ``layer`` + GAP + the Linear ``fc``.
+
+    The trunk's output is exposed as the layer ``trunk`` (``head`` names it for :func:`cam`).
+    The wrapped model's parameters are shared, not copied.
+    """
+
+    def __init__(self, model: nn.Module, layer: str, fc: nn.Linear) -> None:
+        super().__init__()
+        self.trunk = Trunk(model, layer)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = fc
+
+    @property
+    def head(self) -> GapHead:
+        """The GAP + linear head for :func:`cam`."""
+        return GapHead("trunk", "fc")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.trunk(x)
+        require_conv_output(feats, self.trunk.layer, self.trunk.model, "The CAM localizer")
+        return self.fc(self.flatten(self.pool(feats)))
+
+
+def pooled_features(model: nn.Module, layer: str, images: torch.Tensor,
+                    batch_size: int = 64) -> torch.Tensor:
+    """Spatial means (N,C) of ``layer``'s output over ``images`` (N,C,H,W), in batches.
+
+    Batches run on the model's device; the result is on ``images``' device.
+    """
+    if batch_size < 1:
+        raise PipelineError(f"batch_size must be >= 1, got {batch_size}.")
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else images.device
+    out = []
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            act = forward_until(model, layer, images[start:start + batch_size].to(device))
+            require_conv_output(act, layer, model, "Pooled features")
+            out.append(act.mean(dim=(2, 3)).to(images.device))
+    return torch.cat(out)
+
+
+def fit_gap_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 epochs: int = 100, lr: float = 1.0, seed: int = 0,
+                 weight_decay: float = 1e-4) -> nn.Linear:
+    """Train a softmax-regression Linear(C, num_classes) on pooled features (N,C), full batch.
+
+    L-BFGS (``epochs`` iterations, strong-Wolfe line search) on standardised features with a small
+    L2 penalty, then the standardisation is folded back into the weights so the layer takes raw
+    pooled features. Weights start from a generator seeded with ``seed``; deterministic on CPU.
+    Returns a float32 Linear on the CPU.
+    """
+    if features.dim() != 2 or labels.dim() != 1 or features.shape[0] != labels.shape[0]:
+        raise PipelineError(f"fit_gap_head needs features (N,C) and labels (N,), got "
+                            f"{tuple(features.shape)} and {tuple(labels.shape)}.")
+    if num_classes < 2 or features.shape[0] == 0:
+        raise PipelineError("fit_gap_head needs at least 2 classes and 1 example.")
+    y = check_target(labels, num_classes).cpu()
+    feats = features.detach().float().cpu()
+    mean, std = feats.mean(0), feats.std(0, unbiased=False)
+    std = torch.where(std > 1e-8, std, torch.ones_like(std))
+    z = (feats - mean) / std
+    gen = torch.Generator().manual_seed(seed)
+    weight = (0.01 * torch.randn(num_classes, feats.shape[1], generator=gen)).requires_grad_(True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=lr, max_iter=epochs, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(z @ weight.T + bias, y)
+        loss = loss + 0.5 * weight_decay * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    linear = nn.Linear(feats.shape[1], num_classes)
+    with torch.no_grad():
+        w = weight / std
+        linear.weight.copy_(w)
+        linear.bias.copy_(bias - w @ mean)
+    return linear

@@ -1,0 +1,138 @@
+"""The run context shared by every stage: config, cache, device, run folder, dataset and model.
+
+Datasets and models load lazily and once per run. Built-in models are trained on first use (and
+cached by content), so any stage can run on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.cache import Cache, atomic_write_json, make_key
+from pipeline.data import DatasetBundle, load_dataset
+from pipeline.data.images import load_image
+from pipeline.errors import PipelineError
+from pipeline.models import ModelBundle, build_model
+from pipeline.models.digits import DigitsCNN, DigitsCNNFC, fold_batchnorm
+from pipeline.models.training import TrainParams, train_classifier
+
+log = logging.getLogger(__name__)
+TRAIN_VERSION = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' takes a GPU when one is present; asking for 'cuda' without one is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError("device=cuda but no CUDA GPU is available. Use device=cpu or device=auto.")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise PipelineError(f"unknown device '{name}'. Use device=auto, device=cpu or device=cuda.")
+    return torch.device(name)
+
+
+def run_dir_from_hydra(default: Path) -> Path:
+    """Hydra's output folder for this job when running under Hydra, else ``default``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return default
+
+
+def images_to_tensor(paths: list[str], transform: Any) -> torch.Tensor:
+    """Load and preprocess images into one (N,C,H,W) tensor."""
+    return torch.stack([transform(load_image(p)) for p in paths])
+
+
+class Context:
+    """One run: what every stage reads and where it writes."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.cache = Cache(Path(cfg.paths.cache))
+        self.device = resolve_device(str(cfg.device))
+        self.run_dir = run_dir_from_hydra(Path(cfg.paths.outputs) / "runs" / time.strftime("%Y-%m-%d/%H-%M-%S"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.summary: dict[str, Any] = {"stages": {}}
+        self.progress = bool(cfg.get("progress", True))
+        torch.manual_seed(int(cfg.seed))
+        np.random.seed(int(cfg.seed))
+
+    @cached_property
+    def dataset(self) -> DatasetBundle:
+        """The configured dataset; its quarantine table is written into the run folder."""
+        data = load_dataset(self.cfg.data, self.cache)
+        data.quarantine.to_csv(self.run_dir / "quarantine.csv", index=False)
+        self.summary["dataset"] = {"name": data.name, "images": len(data.records),
+                                   "quarantined": len(data.quarantine), "key": data.key}
+        return data
+
+    @cached_property
+    def model(self) -> ModelBundle:
+        """The configured model on the run's device; built-in models are trained if not cached."""
+        mcfg = self.cfg.model
+        if mcfg.source == "builtin":
+            state, metrics = self.trained_builtin()
+            bundle = build_model(mcfg, state)
+            bundle.meta["training"] = metrics
+        else:
+            bundle = build_model(mcfg)
+        self.summary["model"] = {"name": bundle.name, "key": bundle.key, "classes": bundle.num_classes}
+        return bundle.to(self.device)
+
+    def training_data(self) -> DatasetBundle:
+        """The built-in models train on clutter digits: the configured ones, or the default set."""
+        if self.cfg.data.source == "clutter_digits":
+            return self.dataset
+        return load_dataset(OmegaConf.create({"source": "clutter_digits"}), self.cache)
+
+    def trained_builtin(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Train (or fetch from the cache) the configured built-in model; returns weights and metrics."""
+        mcfg, tcfg = self.cfg.model, self.cfg.train
+        data = self.training_data()
+        params = TrainParams(**{k: tcfg[k] for k in TrainParams.__dataclass_fields__ if k in tcfg})
+        key = make_key(kind="train", version=TRAIN_VERSION, arch=mcfg.arch, width=int(mcfg.get("width", 32)),
+                       params=params.__dict__, data=data.key)
+        folder = self.cache.get("models", key)
+        if folder is None:
+            log.info("training %s on %s (%d images)", mcfg.arch, data.name, len(data.records))
+            net_cls = {"digits_cnn": DigitsCNN, "digits_cnn_fc": DigitsCNNFC}[mcfg.arch]
+            torch.manual_seed(params.seed)
+            net = net_cls(width=int(mcfg.get("width", 32)), batchnorm=True)
+            transform = build_model(mcfg).transform
+            recs = data.records
+            x = images_to_tensor(recs["path"].tolist(), transform)
+            y = torch.as_tensor(recs["label"].to_numpy(dtype=np.int64))
+            train = torch.tensor((recs["split"] == "train").to_numpy(dtype=bool))
+            if not bool(train.any()) or bool(train.all()):
+                raise PipelineError("training needs both 'train' and 'test' images in the clutter_digits data.")
+            metrics = train_classifier(net, x[train], y[train], x[~train], y[~train], params, self.progress)
+            state = fold_batchnorm(net.state_dict())
+            with self.cache.write("models", key, {"arch": mcfg.arch, "metrics": metrics,
+                                                 "params": params.__dict__, "data": data.key}) as tmp:
+                torch.save(state, tmp / "model.pt")
+                atomic_write_json(tmp / "metrics.json", metrics)
+            folder = self.cache.path("models", key)
+            self.summary.setdefault("trained", []).append(mcfg.arch)
+        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics["checkpoint"] = str(folder / "model.pt")
+        return state, metrics
+
+    def finish(self) -> dict[str, Any]:
+        """Write summary.json with cache hits and misses; return the summary."""
+        self.summary["run_dir"] = str(self.run_dir)
+        self.summary["cache"] = self.cache.summary()
+        atomic_write_json(self.run_dir / "summary.json", self.summary)
+        return self.summary

@@ -1,0 +1,39 @@
+"""The stages, by name, and the loop that runs the configured ones.
+
+Each stage module has ``run(ctx) -> dict`` which returns what it did for the run summary.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pipeline.errors import PipelineError, suggest
+from pipeline.runtime import Context
+
+STAGES = ("train", "layers", "extract", "index", "query", "explain", "visualize", "report", "audit")
+
+
+def stage_names(cfg: DictConfig) -> list[str]:
+    """The stages to run: ``stage=all`` means the default pipeline list."""
+    name = str(cfg.stage)
+    names = list(cfg.pipeline) if name == "all" else [s.strip() for s in name.split(",")]
+    for n in names:
+        if n not in STAGES:
+            raise PipelineError(f"unknown stage '{n}'.{suggest(n, STAGES)} Stages: {', '.join(STAGES)}, or all.")
+    return names
+
+
+def run_stages(cfg: DictConfig) -> dict[str, Any]:
+    """Run the configured stages in order in one context; returns the run summary."""
+    names = stage_names(cfg)
+    ctx = Context(cfg)
+    for name in names:
+        start = time.perf_counter()
+        result = importlib.import_module(f"pipeline.stages.{name}").run(ctx)
+        result["seconds"] = round(time.perf_counter() - start, 2)
+        ctx.summary["stages"][name] = result
+    return ctx.finish()

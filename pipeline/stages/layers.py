@@ -1,0 +1,23 @@
+"""stage=layers: list the model's addressable layers with their output shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from pipeline.models.layers import layer_table
+from pipeline.runtime import Context
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    """Print and save the layer table (name, type, output shape)."""
+    model = ctx.model
+    rows = [{"layer": li.name, "type": li.type, "shape": "x".join(map(str, li.shape)) if li.shape else ""}
+            for li in layer_table(model.module.cpu(), model.input_shape)]
+    model.module.to(ctx.device)
+    table = pd.DataFrame(rows)
+    out = ctx.run_dir / "layers.csv"
+    table.to_csv(out, index=False)
+    print(table.to_string(index=False))
+    return {"layers": len(rows), "table": str(out)}

@@ -1,0 +1,95 @@
+"""Names and small file helpers shared by the store's modules.
+
+Store folder (one per model)::
+
+    <root>/manifest.json                 store manifest, written last (the commit point's final step)
+    <root>/images.parquet                one row per live image
+    <root>/<layer>/part-*.parquet        the layer's Parquet dataset root: complete parts only
+    <root>/.meta/<layer>/                layer manifest, top-K arrays, class means, FAISS indexes
+    <root>/.work/                        shard journals and parts of an unfinished extraction, and the
+                                         roll-forward log of an unfinished finalize
+
+The layer folder holds nothing but part files because pandas/pyarrow try to read every file in a
+dataset folder and Polars refuses a folder whose files have different suffixes; the hidden
+``.meta`` and ``.work`` folders keep everything else out of the way. Temporary files are named
+``.<name>.tmp``: DuckDB's and Polars' ``*.parquet`` globs do match hidden files, so a temporary
+name must not end in ``.parquet``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import urllib.parse
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT = "activation-store"
+VERSION = 1
+STORE_MANIFEST = "manifest.json"
+IMAGES = "images.parquet"
+META = ".meta"
+WORK = ".work"
+STATS = ("max", "mean", "argmax")
+VALUE_STATS = ("max", "mean")
+CRASH_ENV = "PIPELINE_STORE_CRASH_AT"
+
+_crash_counts: dict[str, int] = {}
+
+
+def layer_dirname(layer: str) -> str:
+    """Folder name for a layer: the dotted name itself, with '/' and other unsafe characters quoted."""
+    name = urllib.parse.quote(layer, safe="._-+=@,")
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    return name
+
+
+def part_name(generation: int, shard: int, num_shards: int, seq: int, tag: str = "") -> str:
+    """File name of a layer part; unique across generations, shards and compactions."""
+    suffix = f"-{tag}" if tag else ""
+    return f"part-g{generation:06d}-s{shard:03d}of{num_shards:03d}-{seq:05d}{suffix}.parquet"
+
+
+def tmp_path(path: Path) -> Path:
+    """Hidden temporary name beside ``path`` that no ``*.parquet`` glob matches."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, compression: str = "snappy",
+                         row_group_size: int = 16384) -> None:
+    """Write ``table`` to a hidden temporary file and ``os.replace`` it into place.
+
+    Statistics are kept for ``row_id`` only: a part has thousands of columns and per-column
+    statistics make its footer several times larger, which every reader must parse.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    stats = ["row_id"] if "row_id" in table.column_names else True
+    try:
+        pq.write_table(table, tmp, compression=compression, use_dictionary=False,
+                       row_group_size=row_group_size, write_statistics=stats)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def crash_point(name: str) -> None:
+    """Test hook: SIGKILL this process the n-th time ``name`` is reached when ``$PIPELINE_STORE_CRASH_AT=name:n``.
+
+    Used by the crash-safety tests to kill a writer at an exact step; a no-op otherwise.
+    """
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    point, _, count = spec.rpartition(":")
+    if point != name:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if _crash_counts[name] >= int(count):
+        os.kill(os.getpid(), signal.SIGKILL)
