@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,8 +22,10 @@ from pipeline.cache import Cache, atomic_write_json, make_key
 from pipeline.data import DatasetBundle, load_dataset
 from pipeline.data.images import load_image
 from pipeline.errors import PipelineError
+from pipeline.store import ActivationStore
 from pipeline.models import ModelBundle, build_model
 from pipeline.models.digits import DigitsCNN, DigitsCNNFC, fold_batchnorm
+from pipeline.models.layers import guess_default_layers, resolve_layers
 from pipeline.models.training import TrainParams, train_classifier
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,14 @@ def run_dir_from_hydra(default: Path) -> Path:
 def images_to_tensor(paths: list[str], transform: Any) -> torch.Tensor:
     """Load and preprocess images into one (N,C,H,W) tensor."""
     return torch.stack([transform(load_image(p)) for p in paths])
+
+
+def model_view(model: ModelBundle, x: torch.Tensor) -> torch.Tensor:
+    """Undo the model's normalisation: (..., C,H,W) input tensors -> RGB in [0,1] as the model sees them."""
+    mean = torch.tensor(model.mean, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(model.std, device=x.device).view(-1, 1, 1)
+    rgb = (x * std + mean).clamp(0, 1)
+    return rgb.expand(*rgb.shape[:-3], 3, *rgb.shape[-2:]) if rgb.shape[-3] == 1 else rgb
 
 
 class Context:
@@ -129,6 +140,48 @@ class Context:
         metrics = json.loads((folder / "metrics.json").read_text())
         metrics["checkpoint"] = str(folder / "model.pt")
         return state, metrics
+
+    def layers(self, spec: Any = None) -> list[str]:
+        """Layer names from names/globs, or the model's defaults (each block's output and the last conv)."""
+        model = self.model
+        if spec:
+            return resolve_layers(model.module, list(spec) if not isinstance(spec, str) else [spec])
+        if model.default_layers:
+            return resolve_layers(model.module, model.default_layers)
+        return guess_default_layers(model.module, model.input_shape)
+
+    def model_labels(self) -> np.ndarray:
+        """The dataset's labels as the model's class indices (-1 where unlabelled or not a model class).
+
+        Labels map by class name when the dataset has names (an ImageFolder of ImageNet class
+        folders, say), else they are taken as class indices.
+        """
+        data, model = self.dataset, self.model
+        labels = data.records["label"]
+        out = np.full(len(labels), -1, dtype=np.int64)
+        known = labels.notna().to_numpy()
+        raw = labels.fillna(-1).to_numpy(dtype=np.int64)
+        if data.class_names:
+            index = {n.lower(): i for i, n in enumerate(model.class_names)}
+            lookup = np.array([index.get(n.lower(), -1) for n in data.class_names], dtype=np.int64)
+            out[known] = lookup[raw[known]]
+        else:
+            ok = known & (raw >= 0) & (raw < model.num_classes)
+            out[ok] = raw[ok]
+        return out
+
+    def store_records(self) -> pd.DataFrame:
+        """The dataset's records for the store: labels as model class indices (NA where not a class)."""
+        recs = self.dataset.records[["image_id", "path", "label", "split"]].copy()
+        labels = self.model_labels()
+        recs["label"] = pd.array([int(v) if v >= 0 else pd.NA for v in labels], dtype="Int64")
+        return recs
+
+    def store(self, create: bool = False) -> ActivationStore:
+        """The activation store of this run's model (``<cache>/store/<model key>``)."""
+        ecfg = self.cfg.get("extract") or {}
+        return ActivationStore.open(self.cache.root / "store" / self.model.key, self.model.key, create=create,
+                                    top_k=int(ecfg.get("topk", 100)), dtype=str(ecfg.get("dtype", "float32")))
 
     def finish(self) -> dict[str, Any]:
         """Write summary.json with cache hits and misses; return the summary."""

@@ -95,6 +95,15 @@ def test_small_net_explicit_hooked_captum_agree(layer: str, channel: int) -> Non
         torch.testing.assert_close(exp.projection[i:i + 1], ref, atol=1e-5, rtol=1e-5)
 
 
+def test_unit_of_a_linear_layer(digits: DigitsCNN) -> None:
+    x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(7))
+    res = deconvnet(digits, x, "fc", 3, scale_by_activation=False)
+    assert torch.equal(res.position, torch.zeros(2, 2, dtype=torch.long))
+    torch.testing.assert_close(res.value, digits(x)[:, 3])
+    ref = NeuronDeconvolution(digits, digits.fc).attribute(x, neuron_selector=(3,))
+    torch.testing.assert_close(res.projection, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_scale_by_activation_multiplies_by_the_value(digits: DigitsCNN) -> None:
     x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(5))
     unit = deconvnet(digits, x, "features.relu2", 4, scale_by_activation=False)

@@ -331,8 +331,9 @@ def fourier_image(batch: int, shape: Sequence[int], generator: torch.Generator, 
 
     def blur(sigma: float) -> None:
         # A Gaussian blur multiplies each frequency f by exp(-2 pi^2 sigma^2 f^2).
+        gain = torch.exp(-2 * math.pi ** 2 * sigma ** 2 * freqs ** 2)
         with torch.no_grad():
-            spectrum.mul_(torch.exp(-2 * math.pi ** 2 * sigma ** 2 * freqs ** 2)[None, None, :, :, None])
+            spectrum.mul_(gain[None, None, :, :, None])
 
     return Parameterization([spectrum], image_fn, blur)
 
@@ -432,6 +433,7 @@ def objective_values(model: nn.Module, objectives: Sequence[Objective], images: 
                      mean: Sequence[float] | None = None,
                      std: Sequence[float] | None = None) -> Tensor:
     """Score of objective i on image i ((B, C, H, W) in [0, 1]), without gradients: (B,)."""
+    _require_eval(model, "objective_values")
     if len(objectives) != images.shape[0]:
         raise PipelineError(f"{len(objectives)} objectives for {images.shape[0]} images; give one "
                             f"objective per image")

@@ -18,9 +18,12 @@ STAGES = ("train", "layers", "extract", "index", "query", "explain", "visualize"
 
 
 def stage_names(cfg: DictConfig) -> list[str]:
-    """The stages to run: ``stage=all`` means the default pipeline list."""
-    name = str(cfg.stage)
-    names = list(cfg.pipeline) if name == "all" else [s.strip() for s in name.split(",")]
+    """The stages to run: a name, a list (``stage=[extract,index]``), or ``all`` (the default list)."""
+    stage = cfg.stage
+    if isinstance(stage, str):
+        names = list(cfg.pipeline) if stage == "all" else [stage]
+    else:
+        names = [str(s) for s in stage]
     for n in names:
         if n not in STAGES:
             raise PipelineError(f"unknown stage '{n}'.{suggest(n, STAGES)} Stages: {', '.join(STAGES)}, or all.")

@@ -23,7 +23,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,7 @@ def build_flat(final: Path, blocks: Iterable[tuple[np.ndarray, np.ndarray]], n: 
     """
     t0 = time.perf_counter()
     flat = faiss.IndexFlatIP(channels)
+    index = faiss.IndexIDMap2(flat)          # must wrap the index while it is empty
     flat.codes.resize(n * channels * 4)
     xb = _view(flat.codes.data(), n * channels, np.float32).reshape(n, channels)
     rows = np.empty(n, np.int64)
@@ -125,7 +126,6 @@ def build_flat(final: Path, blocks: Iterable[tuple[np.ndarray, np.ndarray]], n: 
     if at != n:
         raise RuntimeError(f"expected {n} vectors, got {at}")
     flat.ntotal = n
-    index = faiss.IndexIDMap2(flat)
     faiss.copy_array_to_vector(rows, index.id_map)
     index.ntotal = n
     index.construct_rev_map()
@@ -181,7 +181,7 @@ class FlatIndex:
         self.index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC)
         inner = faiss.downcast_index(self.index.index)
         self.n, self.channels = inner.ntotal, inner.d
-        self.vectors = _view(inner.get_xb(), self.n * self.channels, np.float32).reshape(self.n, self.channels)
+        self.vectors = _view(inner.codes.data(), self.n * self.channels, np.float32).reshape(self.n, self.channels)
         self.rows = faiss.vector_to_array(self.index.id_map).astype(np.int64)
         self._by_row = np.argsort(self.rows, kind="stable")
         self._sorted_rows = self.rows[self._by_row]
@@ -364,5 +364,3 @@ class ApproxSearch:
         pos = pos[pos >= 0]
         return self.flat.best(pos, self.flat.rescore(pos, q), k)
 
-
-SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]

@@ -1,0 +1,49 @@
+"""Per-channel activation statistics of chosen layers, recorded during an ordinary forward pass."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def channel_stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """Spatial max, spatial mean and flat argmax (y*W+x) per channel of a (B,C,H,W) or (B,C) tensor.
+
+    Returns (max (B,C) float32, mean (B,C) float32, argmax (B,C) int32, (H, W)).
+    """
+    t = t.detach()
+    if t.dim() == 2:
+        t = t[:, :, None, None]
+    if t.dim() != 4:
+        raise ValueError(f"expected a (B,C,H,W) or (B,C) activation, got shape {tuple(t.shape)}")
+    b, c, h, w = t.shape
+    flat = t.reshape(b, c, h * w).float()
+    mx, arg = flat.max(dim=2)
+    return mx, flat.mean(dim=2), arg.to(torch.int32), (h, w)
+
+
+@contextmanager
+def record_stats(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, tuple]]:
+    """While active, each forward pass stores ``channel_stats`` of every named layer's output.
+
+    The dict maps layer -> (max, mean, argmax, hw) of the latest call; hooks are always removed.
+    """
+    modules = dict(model.named_modules())
+    out: dict[str, tuple] = {}
+    handles = []
+
+    def hook_for(name: str):
+        def hook(_m: nn.Module, _i: tuple, output: torch.Tensor) -> None:
+            out[name] = channel_stats(output)
+        return hook
+
+    try:
+        for name in layers:
+            handles.append(modules[name].register_forward_hook(hook_for(name)))
+        yield out
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,343 @@
+"""Krypton incremental occlusion: exact equality with plain occlusion on every supported family,
+the fallbacks (logged, still exact), the approximate mode and the theoretical FLOP ratio."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+from torch import nn
+from torch.nn import functional as F
+from torchvision.models import resnet18, vgg11
+
+from pipeline.errors import PipelineError
+from pipeline.methods.krypton import (
+    ApproximateEngine,
+    IncrementalEngine,
+    _window_axis,
+    drill_down,
+    theoretical_flop_ratio,
+)
+from pipeline.methods.occlusion import PlainEngine, make_fill, occlusion, occlusion_boxes
+from pipeline.models.digits import DigitsCNN, DigitsCNNFC
+from pipeline.models.efficientnet_lite import build_efficientnet_lite0
+
+
+class TinySequential(nn.Module):
+    """Strided, dilated, 'same'-padded and asymmetric convs, ceil-mode max-pool, zero-pad module,
+    avg-pool with padding, divisible adaptive pooling and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(OrderedDict([
+            ("conv1", nn.Conv2d(3, 8, 3, padding=1)),
+            ("relu1", nn.ReLU(inplace=True)),
+            ("conv2", nn.Conv2d(8, 8, 3, stride=2, padding=1)),
+            ("bn", nn.BatchNorm2d(8)),
+            ("relu2", nn.ReLU6()),
+            ("pool1", nn.MaxPool2d(3, 2, padding=1, ceil_mode=True)),
+            ("pad", nn.ZeroPad2d((1, 0, 1, 0))),
+            ("conv3", nn.Conv2d(8, 16, 3, dilation=2, padding="same")),
+            ("pool2", nn.AvgPool2d(3, stride=1, padding=1)),
+            ("conv4", nn.Conv2d(16, 16, (1, 3), padding=(0, 1))),
+            ("gelu", nn.GELU()),
+            ("pool3", nn.AdaptiveAvgPool2d(2)),
+        ]))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.down is None else self.down(x)
+        out += identity
+        return torch.relu(out)
+
+
+class TinyResidual(nn.Module):
+    """Residual blocks with BatchNorm and a projection shortcut, plus a channel concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 5, 2, 2), nn.BatchNorm2d(8), nn.ReLU())
+        self.block1 = BasicBlock(8, 8, 1)
+        self.block2 = BasicBlock(8, 16, 2)
+        self.branch_a = nn.Conv2d(16, 8, 1)
+        self.branch_b = nn.Conv2d(16, 8, 3, padding=1)
+        self.mix = nn.Conv2d(16, 16, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(self.block1(self.stem(x)))
+        x = torch.cat([self.branch_a(x), self.branch_b(x)], dim=1).relu()
+        x = self.mix(x) * 0.5 + x
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class TinyDepthwise(nn.Module):
+    """MobileNet-style depthwise / pointwise convolutions with an inverted-residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, 2, 1)
+        self.dw1 = nn.Conv2d(16, 16, 3, 2, 1, groups=16)
+        self.pw1 = nn.Conv2d(16, 24, 1)
+        self.act1 = nn.ReLU6()
+        self.expand = nn.Conv2d(24, 48, 1)
+        self.dw2 = nn.Conv2d(48, 48, 5, 1, 2, groups=48)
+        self.act2 = nn.SiLU()
+        self.project = nn.Conv2d(48, 24, 1)
+        self.group = nn.Conv2d(24, 24, 3, padding=1, groups=4)
+        self.act3 = nn.Hardswish()
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Linear(24, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.pw1(self.dw1(self.stem(x))))
+        x = x + self.project(self.act2(self.dw2(self.expand(x))))
+        x = self.act3(self.group(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class ReflectNet(nn.Module):
+    """Reflection padding is not supported incrementally: the engine falls back from there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.reflect = nn.ReflectionPad2d(1)
+        self.conv2 = nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.reflect(torch.relu(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if x.sum() > 0:
+            x = x * 2
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def _randomize_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial running statistics so BatchNorm is not the identity."""
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return model.eval()
+
+
+def _assert_exact(model: nn.Module, x: torch.Tensor, window: int, stride: int,
+                  keep: slice | None = None, fill: str = "mean") -> IncrementalEngine:
+    """Incremental logits equal plain ones to 1e-4 of their range, on (a subset of) positions."""
+    model = _randomize_bn(model)
+    boxes, _ = occlusion_boxes(x.shape[2], x.shape[3], window, stride)
+    if keep is not None:
+        boxes = boxes[keep]
+    fill_image = make_fill(x, fill)
+    engine = IncrementalEngine(model, x)
+    assert engine.graph is not None
+    with torch.no_grad():
+        ref = PlainEngine(model, x)(boxes, fill_image)
+    got = engine(boxes, fill_image)
+    scale = float(ref.max() - ref.min())
+    assert float((got - ref).abs().max()) <= 1e-4 * scale
+    return engine
+
+
+def test_tiny_sequential_is_exact() -> None:
+    torch.manual_seed(0)
+    # window 7 / stride 5 on 37 pixels: odd sizes and a clipped last window at every edge
+    _assert_exact(TinySequential(), torch.randn(1, 3, 37, 37), 7, 5, fill="blur")
+
+
+def test_digits_is_exact() -> None:
+    torch.manual_seed(0)
+    _assert_exact(DigitsCNN(), torch.randn(1, 1, 64, 64), 12, 8)
+    _assert_exact(DigitsCNNFC(), torch.randn(1, 1, 64, 64), 12, 8, fill="constant")
+
+
+def test_tiny_residual_is_exact() -> None:
+    torch.manual_seed(0)
+    _assert_exact(TinyResidual(), torch.randn(1, 3, 40, 40), 8, 4)
+
+
+def test_tiny_depthwise_is_exact() -> None:
+    torch.manual_seed(0)
+    _assert_exact(TinyDepthwise(), torch.randn(1, 3, 48, 48), 10, 6)
+
+
+def test_vgg11_is_exact() -> None:
+    torch.manual_seed(0)
+    _assert_exact(vgg11(weights=None, num_classes=10), torch.randn(1, 3, 64, 64), 16, 8,
+                  keep=slice(0, None, 4))
+
+
+def test_resnet18_is_exact() -> None:
+    torch.manual_seed(0)
+    _assert_exact(resnet18(weights=None, num_classes=10), torch.randn(1, 3, 64, 64), 16, 8,
+                  keep=slice(0, None, 3))
+
+
+def test_efficientnet_lite0_is_exact() -> None:
+    torch.manual_seed(0)
+    model = build_efficientnet_lite0(num_classes=10)
+    engine = _assert_exact(model, torch.randn(1, 3, 64, 64), 16, 8, keep=slice(0, None, 3))
+    # the TF "same" pad modules are recognised by probing, not computed in full
+    kinds = {n.name: r.kind for n, r in engine.rules.items()}
+    assert kinds["stem_pad"] == "pad"
+    assert kinds["blocks_1_depthwise_conv"] == "window"
+
+
+def test_occlusion_switch_matches_plain() -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(TinyResidual())
+    x = torch.randn(1, 3, 32, 32)
+    plain = occlusion(model, x, 2, window=8, stride=4, batch_size=16)
+    inc = occlusion(model, x, 2, window=8, stride=4, batch_size=16, engine="incremental")
+    scale = float(plain.score_drop.max() - plain.score_drop.min())
+    assert float((inc.score_drop - plain.score_drop).abs().max()) <= 1e-4 * scale
+    torch.testing.assert_close(inc.prob_grid, plain.prob_grid, atol=1e-5, rtol=1e-4)
+
+
+def test_unsupported_layer_falls_back_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="pipeline.methods.krypton"):
+        engine = _assert_exact(ReflectNet(), torch.randn(1, 3, 24, 24), 6, 3)
+    assert "ReflectionPad2d" in caplog.text
+    kinds = {n.name: r.kind for n, r in engine.rules.items()}
+    assert kinds["conv1"] == "window" and kinds["reflect"] == "dense"
+
+
+def test_untraceable_model_uses_plain(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = Untraceable().eval()
+    x = torch.randn(1, 3, 16, 16)
+    with caplog.at_level(logging.INFO, logger="pipeline.methods.krypton"):
+        engine = IncrementalEngine(model, x)
+    assert engine.graph is None and "cannot trace" in caplog.text
+    boxes, _ = occlusion_boxes(16, 16, 4, 4)
+    fill = make_fill(x)
+    with torch.no_grad():
+        torch.testing.assert_close(engine(boxes, fill), PlainEngine(model, x)(boxes, fill))
+
+
+@pytest.mark.parametrize(("kernel", "stride", "pad", "dilation"),
+                         [(3, 1, 1, 1), (3, 2, 1, 1), (7, 2, 3, 1), (3, 1, 2, 2), (1, 2, 0, 1),
+                          (5, 3, 0, 1)])
+def test_window_axis_matches_brute_force(kernel: int, stride: int, pad: int, dilation: int) -> None:
+    """The changed output range of a 1-D sliding window equals the outputs that really change."""
+    n = 23
+    weight = torch.ones(1, 1, kernel)
+    base = F.conv1d(torch.zeros(1, 1, n), weight, stride=stride, padding=pad, dilation=dilation)
+    out_size = base.shape[-1]
+    for lo in range(n):
+        for hi in range(lo + 1, min(n, lo + 6) + 1):
+            x = torch.zeros(1, 1, n)
+            x[..., lo:hi] = 1.0
+            out = F.conv1d(x, weight, stride=stride, padding=pad, dilation=dilation)[0, 0]
+            changed = (out != 0).nonzero().flatten().tolist()
+            got_lo, got_hi = _window_axis(torch.tensor([lo]), torch.tensor([hi]), pad, kernel,
+                                          stride, dilation, out_size, None)
+            expected = (changed[0], changed[-1] + 1) if changed else None
+            if expected is None:
+                assert int(got_hi) == int(got_lo)
+            else:
+                assert (int(got_lo), int(got_hi)) == expected
+
+
+def test_theoretical_flop_ratio_single_conv() -> None:
+    """One 3x3 conv on 8x8, window 2 stride 2: changed output sides are 3, 4, 4, 3 -> 3.5^2."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    ratio = theoretical_flop_ratio(model.eval(), (1, 8, 8), 2, 2)
+    assert ratio == pytest.approx(64 / 3.5 ** 2)
+    thresholded = theoretical_flop_ratio(model.eval(), (1, 8, 8), 2, 2, tau=0.25)
+    assert thresholded == pytest.approx(64 / 2 ** 2)
+
+
+def test_approximate_without_approximation_is_exact() -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(TinyResidual())
+    x = torch.randn(1, 3, 32, 32)
+    exact = occlusion(model, x, 1, window=8, stride=4, engine="incremental")
+    same = occlusion(model, x, 1, window=8, stride=4, engine="approximate", tau=None,
+                     coarse_factor=1)
+    torch.testing.assert_close(same.score_drop, exact.score_drop, atol=1e-5, rtol=1e-4)
+
+
+def test_approximate_is_close_and_cheaper() -> None:
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    x = torch.exp(-((yy - 30) ** 2 + (xx - 36) ** 2) / 150.0)[None, None] * 3.0
+    exact = occlusion(model, x, 4, window=8, stride=4, engine="incremental")
+    engine = ApproximateEngine(model, x, tau=0.9, coarse_factor=2, top_r=0.25)
+    approx = occlusion(model, x, 4, window=8, stride=4, engine=engine)
+    e, a = exact.prob.numpy(), approx.prob.numpy()
+    assert structural_similarity(e, a, data_range=float(e.max() - e.min())) >= 0.9
+    assert len(engine.evaluated) < 0.6 * len(exact.boxes)
+    boxes = exact.boxes
+    assert engine.flop_ratio(boxes) > IncrementalEngine(model, x).flop_ratio(boxes)
+
+
+def test_drill_down_refines_the_largest_drops() -> None:
+    """A linear map is interpolated exactly; the lowest-scoring rest is evaluated."""
+    grid = (5, 5)
+    truth = torch.arange(25.0).reshape(25, 1)
+    truth[12] = -100.0  # an off-grid dip the coarse grid cannot see
+
+    def evaluate(index: torch.Tensor) -> torch.Tensor:
+        return truth[index]
+
+    logits, evaluated = drill_down(evaluate, grid, 0, coarse_factor=2, top_r=0.04)
+    assert len(evaluated) == 9 + 1
+    assert torch.equal(logits[evaluated], truth[evaluated])
+    expected = torch.arange(25.0).reshape(25, 1)
+    expected[12] = -100.0
+    # position 12 is off the coarse grid but lies in a linear region, so its interpolation is
+    # 12; the rest of the grid is interpolated exactly
+    mask = torch.ones(25, dtype=torch.bool)
+    mask[12] = False
+    torch.testing.assert_close(logits[mask], expected[mask])
+
+
+def test_bad_approximation_parameters() -> None:
+    model = DigitsCNN().eval()
+    x = torch.randn(1, 1, 64, 64)
+    with pytest.raises(PipelineError, match="tau"):
+        IncrementalEngine(model, x, tau=1.5)
+    with pytest.raises(PipelineError, match="coarse_factor"):
+        ApproximateEngine(model, x, coarse_factor=0)
+    with pytest.raises(PipelineError, match="top_r"):
+        ApproximateEngine(model, x, top_r=2.0)
