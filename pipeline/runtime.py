@@ -103,10 +103,12 @@ class Context:
         return bundle.to(self.device)
 
     def training_data(self) -> DatasetBundle:
-        """The built-in models train on clutter digits: the configured ones, or the default set."""
+        """The built-in models train on clutter digits: ``data`` when it is clutter digits, else
+        ``train.data`` (clutter-digit settings; null = the defaults)."""
         if self.cfg.data.source == "clutter_digits":
             return self.dataset
-        return load_dataset(OmegaConf.create({"source": "clutter_digits"}), self.cache)
+        extra = self.cfg.train.get("data") or {}
+        return load_dataset(OmegaConf.merge({"source": "clutter_digits"}, extra), self.cache)
 
     def trained_builtin(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Train (or fetch from the cache) the configured built-in model; returns weights and metrics."""

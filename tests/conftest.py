@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict, read_write
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-TINY = ["++data.n_train=80", "++data.n_test=40", "train.epochs=1", "progress=false", "device=cpu"]
+TINY = ["++data.n_train=80", "++data.n_test=40", "train.data={n_train:80,n_test:40}", "train.epochs=1", "progress=false", "device=cpu"]
 
 torch.set_num_threads(1)  # the CI machine has 2 cores; tiny models run fastest single-threaded
 

@@ -131,6 +131,30 @@ class ReflectNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+class ShiftedConv(nn.Conv2d):
+    """A Conv2d subclass whose forward pads asymmetrically: its padding attribute is not what it
+    does, so the engine must not treat it as a plain Conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (0, 2, 0, 2)), self.weight, self.bias)
+
+
+class CustomLayers(nn.Module):
+    """An overridden Conv2d forward and an upsampler (no parameters, not a padding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.shifted = ShiftedConv(4, 4, 3)
+        self.up = nn.Upsample(scale_factor=2)
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.up(self.shifted(torch.relu(self.conv1(x)))))
+        return self.fc(x.amax(dim=(2, 3)))
+
+
 class Untraceable(nn.Module):
     """Data-dependent control flow: torch.fx cannot trace it."""
 
@@ -200,8 +224,9 @@ def test_tiny_depthwise_is_exact() -> None:
 
 def test_vgg11_is_exact() -> None:
     torch.manual_seed(0)
-    _assert_exact(vgg11(weights=None, num_classes=10), torch.randn(1, 3, 64, 64), 16, 8,
-                  keep=slice(0, None, 4))
+    model = vgg11(weights=None, num_classes=10)
+    model.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 10))  # the 100M-weight head is slow
+    _assert_exact(model, torch.randn(1, 3, 64, 64), 16, 8, keep=slice(0, None, 4))
 
 
 def test_resnet18_is_exact() -> None:
@@ -240,6 +265,15 @@ def test_unsupported_layer_falls_back_and_logs(caplog: pytest.LogCaptureFixture)
     assert kinds["conv1"] == "window" and kinds["reflect"] == "dense"
 
 
+def test_overridden_forward_and_upsampling_fall_back(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="pipeline.methods.krypton"):
+        engine = _assert_exact(CustomLayers(), torch.randn(1, 3, 20, 20), 5, 3)
+    assert "ShiftedConv overrides Conv2d.forward" in caplog.text
+    kinds = {n.name: r.kind for n, r in engine.rules.items()}
+    assert kinds["conv1"] == "window" and kinds["shifted"] == "dense" and kinds["up"] == "dense"
+
+
 def test_untraceable_model_uses_plain(caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(0)
     model = Untraceable().eval()
@@ -257,7 +291,7 @@ def test_untraceable_model_uses_plain(caplog: pytest.LogCaptureFixture) -> None:
                          [(3, 1, 1, 1), (3, 2, 1, 1), (7, 2, 3, 1), (3, 1, 2, 2), (1, 2, 0, 1),
                           (5, 3, 0, 1)])
 def test_window_axis_matches_brute_force(kernel: int, stride: int, pad: int, dilation: int) -> None:
-    """The changed output range of a 1-D sliding window equals the outputs that really change."""
+    """The changed output range of a 1-D sliding window is the outputs that really change."""
     n = 23
     weight = torch.ones(1, 1, kernel)
     base = F.conv1d(torch.zeros(1, 1, n), weight, stride=stride, padding=pad, dilation=dilation)
@@ -270,11 +304,12 @@ def test_window_axis_matches_brute_force(kernel: int, stride: int, pad: int, dil
             changed = (out != 0).nonzero().flatten().tolist()
             got_lo, got_hi = _window_axis(torch.tensor([lo]), torch.tensor([hi]), pad, kernel,
                                           stride, dilation, out_size, None)
-            expected = (changed[0], changed[-1] + 1) if changed else None
-            if expected is None:
+            if not changed:
                 assert int(got_hi) == int(got_lo)
-            else:
-                assert (int(got_lo), int(got_hi)) == expected
+            elif dilation == 1:
+                assert (int(got_lo), int(got_hi)) == (changed[0], changed[-1] + 1)
+            else:  # dilated taps can skip a small change: the range may only be wider
+                assert int(got_lo) <= changed[0] and changed[-1] < int(got_hi)
 
 
 def test_theoretical_flop_ratio_single_conv() -> None:
@@ -296,40 +331,59 @@ def test_approximate_without_approximation_is_exact() -> None:
     torch.testing.assert_close(same.score_drop, exact.score_drop, atol=1e-5, rtol=1e-4)
 
 
-def test_approximate_is_close_and_cheaper() -> None:
+def _smooth_detector() -> nn.Module:
+    """DigitsCNN with non-negative averaging convs and a class-4 readout of the pooled features:
+    its occlusion map follows the image's bright blobs, a map with structure to compare."""
     torch.manual_seed(0)
     model = DigitsCNN().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.abs_()
+                m.weight /= m.weight[0].sum()
+                m.bias.zero_()
+        model.fc.weight.normal_(0, 0.1)
+        model.fc.weight[4] = 10.0 / 128
+        model.fc.bias.zero_()
+    return model
+
+
+def test_approximate_is_close_and_cheaper() -> None:
+    model = _smooth_detector()
     yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
-    x = torch.exp(-((yy - 30) ** 2 + (xx - 36) ** 2) / 150.0)[None, None] * 3.0
+    x = (3.0 * torch.exp(-((yy - 30) ** 2 + (xx - 36) ** 2) / 150.0)
+         + 0.5 * torch.exp(-((yy - 10) ** 2 + (xx - 12) ** 2) / 50.0))[None, None]
     exact = occlusion(model, x, 4, window=8, stride=4, engine="incremental")
-    engine = ApproximateEngine(model, x, tau=0.9, coarse_factor=2, top_r=0.25)
+    engine = ApproximateEngine(model, x, tau=0.3, coarse_factor=2, top_r=0.25)
     approx = occlusion(model, x, 4, window=8, stride=4, engine=engine)
-    e, a = exact.prob.numpy(), approx.prob.numpy()
-    assert structural_similarity(e, a, data_range=float(e.max() - e.min())) >= 0.9
+    for e, a in ((exact.prob, approx.prob), (exact.score_drop, approx.score_drop)):
+        e, a = e.double().numpy(), a.double().numpy()
+        assert structural_similarity(e, a, data_range=float(e.max() - e.min())) >= 0.9
+    assert not torch.allclose(exact.score_drop, approx.score_drop)
     assert len(engine.evaluated) < 0.6 * len(exact.boxes)
     boxes = exact.boxes
-    assert engine.flop_ratio(boxes) > IncrementalEngine(model, x).flop_ratio(boxes)
+    assert engine.flop_ratio(boxes) > 1.5 * IncrementalEngine(model, x).flop_ratio(boxes)
 
 
 def test_drill_down_refines_the_largest_drops() -> None:
-    """A linear map is interpolated exactly; the lowest-scoring rest is evaluated."""
-    grid = (5, 5)
+    """Coarse samples at rows/cols 0, 2, 4 of a 5x5 grid; a dip at the centre sample makes its
+    8 interpolated neighbours the largest drops, and exactly those are evaluated."""
     truth = torch.arange(25.0).reshape(25, 1)
-    truth[12] = -100.0  # an off-grid dip the coarse grid cannot see
+    truth[12] = -100.0
+    calls: list[int] = []
 
     def evaluate(index: torch.Tensor) -> torch.Tensor:
+        calls.append(len(index))
         return truth[index]
 
-    logits, evaluated = drill_down(evaluate, grid, 0, coarse_factor=2, top_r=0.04)
-    assert len(evaluated) == 9 + 1
-    assert torch.equal(logits[evaluated], truth[evaluated])
-    expected = torch.arange(25.0).reshape(25, 1)
-    expected[12] = -100.0
-    # position 12 is off the coarse grid but lies in a linear region, so its interpolation is
-    # 12; the rest of the grid is interpolated exactly
-    mask = torch.ones(25, dtype=torch.bool)
-    mask[12] = False
-    torch.testing.assert_close(logits[mask], expected[mask])
+    logits, evaluated = drill_down(evaluate, (5, 5), 0, coarse_factor=2, top_r=8 / 25)
+    coarse = [0, 2, 4, 10, 12, 14, 20, 22, 24]
+    neighbours = [6, 7, 8, 11, 13, 16, 17, 18]
+    assert calls == [9, 8]
+    assert evaluated.tolist() == sorted(coarse + neighbours)
+    torch.testing.assert_close(logits[evaluated], truth[evaluated])
+    # the rest (1, 3, 5, ...) is interpolated between coarse samples: 1 = (0 + 2) / 2
+    assert float(logits[1]) == pytest.approx(1.0)
 
 
 def test_bad_approximation_parameters() -> None:

@@ -122,6 +122,8 @@ def test_custom_engine_is_used() -> None:
     ({"fill": "blurr"}, "Did you mean: blur"),
     ({"fill": "blur", "blur_sigma": 0.0}, "blur_sigma"),
     ({"engine": "incremntal"}, "Did you mean: incremental"),
+    ({"engine": "plain", "tau": 0.5}, "apply only to engine='approximate'"),
+    ({"engine": "approximate", "top_k": 0.5}, "Did you mean: top_r"),
 ])
 def test_user_errors(kwargs: dict, match: str) -> None:
     model = DigitsCNN().eval()

@@ -24,6 +24,7 @@ score drop.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import operator
@@ -37,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.errors import PipelineError
-from pipeline.methods.occlusion import PlainEngine, occlude, occlusion_boxes
+from pipeline.methods.occlusion import PlainEngine, occlusion_boxes
 
 logger = logging.getLogger(__name__)
 
@@ -232,14 +233,15 @@ class _Window:
 
 @dataclass
 class _Rule:
-    """How one graph node is evaluated: kind is input, const, window, pointwise, merge, cat, pad
-    or dense."""
+    """How one graph node is evaluated: kind is input, const, window, pointwise, alias (passes its
+    input through: a BatchNorm folded into its conv), merge, cat, pad, dense or output."""
 
     kind: str
     window: _Window | None = None
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
     reason: str = ""
     dense_macs: int = 0  # multiply-adds of the node computed in full for one image
+    inplace: nn.Module | None = None  # an in-place copy of an activation that may overwrite
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -295,6 +297,10 @@ def _module_rule(m: nn.Module, in_shape: torch.Size | None, out_shape: torch.Siz
         and len(out_shape) == 4
     if isinstance(m, nn.BatchNorm2d) and (m.training or m.running_mean is None):
         return _Rule("dense", reason="BatchNorm2d in training mode uses batch statistics")
+    known = POINTWISE_MODULES + GLOBAL_MODULES + (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+    base = next((cls for cls in known if isinstance(m, cls)), None)
+    if base is not None and type(m).forward is not base.forward:
+        return _Rule("dense", reason=f"{name} overrides {base.__name__}.forward")
     if isinstance(m, POINTWISE_MODULES):
         return _Rule("pointwise") if spatial and in_shape == out_shape else \
             _Rule("dense", reason=f"{name} on a non-image tensor")
@@ -355,6 +361,9 @@ def _module_macs(m: nn.Module, out_shape: torch.Size | None) -> int:
     return 0
 
 
+MAX_PROBED_PAD = 32  # larger size changes are not padding (an upsampler, say): skip the search
+
+
 def _probe_pad(m: nn.Module, shape: torch.Size) -> tuple[int, int, int, int] | None:
     """(top, bottom, left, right) if ``m`` zero-pads inputs of this shape, else None.
 
@@ -369,7 +378,7 @@ def _probe_pad(m: nn.Module, shape: torch.Size) -> tuple[int, int, int, int] | N
     if out.dim() != 4 or out.shape[:2] != shape[:2]:
         return None
     dh, dw = out.shape[2] - shape[2], out.shape[3] - shape[3]
-    if dh < 0 or dw < 0:
+    if not (0 <= dh <= MAX_PROBED_PAD and 0 <= dw <= MAX_PROBED_PAD):
         return None
     for top in range(dh + 1):
         for left in range(dw + 1):
@@ -407,6 +416,9 @@ class IncrementalEngine:
         if tau is not None and not 0 < tau <= 1:
             raise PipelineError(f"Krypton tau must be in (0, 1], got {tau}. Fix: use e.g. tau=0.5, "
                                 "or None for exact occlusion.")
+        if x.dim() != 4 or x.shape[0] != 1:
+            raise PipelineError(f"Krypton takes one image shaped (1, C, H, W), got "
+                                f"{tuple(x.shape)}. Fix: pass x[i:i+1] for a batch.")
         self.model = model
         self.x = x
         self.tau = tau
@@ -415,6 +427,9 @@ class IncrementalEngine:
         self.rules: dict[fx.Node, _Rule] = {}
         self._flats: dict[tuple[fx.Node, tuple[int, int, int, int], float], torch.Tensor] = {}
         self._plain = PlainEngine(model, x)
+        self._modules: dict[str, nn.Module] = {}
+        self._fill_key: tuple[int, int, int] | None = None
+        self._fill_flat = torch.empty(0)
         with torch.no_grad():
             self._build()
 
@@ -456,7 +471,58 @@ class IncrementalEngine:
                         type(self.model).__name__)
             return
         self.graph = graph
+        self._modules = modules
+        self._fold_batchnorm(modules)
+        self._activations_in_place(modules)
         self._log_fallbacks()
+
+    def _activations_in_place(self, modules: dict[str, nn.Module]) -> None:
+        """Let an activation module overwrite its input patch when that patch is a fresh conv or
+        pooling output (possibly through a folded BatchNorm) that nothing else reads."""
+        for node, rule in self.rules.items():
+            module = modules.get(node.target) if node.op == "call_module" else None
+            if rule.kind != "pointwise" or not hasattr(module, "inplace"):
+                continue
+            source = node.args[0]
+            if self.rules[source].kind == "alias" and len(source.users) == 1:
+                source = source.args[0]
+            if self.rules[source].kind == "window" and len(source.users) == 1:
+                rule.inplace = copy.copy(module)
+                rule.inplace.inplace = True
+
+    def _fold_batchnorm(self, modules: dict[str, nn.Module]) -> None:
+        """Fold each eval-mode BatchNorm into the convolution before it (when the conv feeds only
+        the BatchNorm): one pass over the patch instead of two. The BatchNorm node then passes its
+        input through (kind "alias")."""
+        for node, rule in self.rules.items():
+            if not (rule.kind == "pointwise" and node.op == "call_module"
+                    and isinstance(modules[node.target], nn.BatchNorm2d)):
+                continue
+            source = node.args[0]
+            conv = modules.get(source.target) if source.op == "call_module" else None
+            if not (isinstance(conv, nn.Conv2d) and self.rules[source].kind == "window"
+                    and len(source.users) == 1):
+                continue
+            bn = modules[node.target]
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
+                1.0 / torch.sqrt(bn.running_var + bn.eps)
+            shift = (bn.bias if bn.affine else 0.0) - bn.running_mean * scale
+            weight = conv.weight * scale.view(-1, 1, 1, 1)
+            bias = shift if conv.bias is None else conv.bias * scale + shift
+            spec = self.rules[source].window
+            stride, dilation, groups = spec.stride, spec.dilation, conv.groups
+
+            def fused(win: torch.Tensor, w: torch.Tensor = weight, b: torch.Tensor = bias,
+                      s: tuple[int, int] = stride, d: tuple[int, int] = dilation,
+                      g: int = groups) -> torch.Tensor:
+                return F.conv2d(win, w, b, s, 0, d, g)
+
+            def whole(t: torch.Tensor, w: torch.Tensor = weight, b: torch.Tensor = bias,
+                      m: nn.Conv2d = conv) -> torch.Tensor:
+                return F.conv2d(t, w, b, m.stride, m.padding, m.dilation, m.groups)
+
+            spec.fn, spec.whole = fused, whole
+            self.rules[node] = _Rule("alias", dense_macs=rule.dense_macs)
 
     def _log_fallbacks(self) -> None:
         """Log each node where incremental evaluation stops (not the dense nodes after it):
@@ -481,8 +547,6 @@ class IncrementalEngine:
         in_shape = first.shape if isinstance(first, torch.Tensor) else None
         is_image = out_shape is not None and len(out_shape) == 4
         if node.op == "placeholder":
-            if not is_image or out_shape[0] != 1:
-                return _Rule("dense", reason="input is not one (1, C, H, W) image")
             return _Rule("input")
         if node.op == "output":
             return _Rule("output")
@@ -594,7 +658,7 @@ class IncrementalEngine:
         placeholder = next(iter(self.cache))
         base, _ = self._base(placeholder, zeros)
         key = (id(fill), fill.data_ptr(), fill._version)
-        if getattr(self, "_fill_key", None) != key:
+        if self._fill_key != key:
             self._fill_key, self._fill_flat = key, _flat(fill)
         image = _gather(base, width, region.cy, region.cx, region.h, region.w)
         filled = _gather(self._fill_flat, width, region.cy, region.cx, region.h, region.w)
@@ -609,7 +673,7 @@ class IncrementalEngine:
         """Logits (b, K) of the image occluded by ``fill`` at ``boxes`` (b, 4) = (y0, x0, y1, x1)."""
         if self.graph is None:
             return self._plain(boxes, fill)
-        modules = dict(self.graph.named_modules())
+        modules = self._modules
         env: dict[fx.Node, Any] = {}
         for node, rule in self.rules.items():
             if rule.kind == "const":
@@ -626,9 +690,16 @@ class IncrementalEngine:
                   modules: dict[str, nn.Module]) -> Any:
         patches = [n for n in node.all_input_nodes if isinstance(env[n], Patch)]
         dense_in = any(isinstance(env[n], Dense) for n in node.all_input_nodes)
+        if rule.kind == "alias":
+            return env[node.args[0]]
+        if rule.kind == "window" and (dense_in or not patches) and rule.window.whole is not None:
+            return Dense(rule.window.whole(self._full(node.args[0], env[node.args[0]])))
         if rule.kind == "dense" or dense_in or not patches:
             args = fx.node.map_arg((node.args, node.kwargs), lambda n: self._full(n, env[n]))
             return Dense(_call(node, modules, *_unalias(node, modules, args)))
+        if rule.inplace is not None:
+            patch = env[patches[0]]
+            return Patch(rule.inplace(patch.values), patch.region)
         if rule.kind == "pointwise":
             src = patches[0]
             args = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n].values
@@ -716,7 +787,7 @@ class IncrementalEngine:
                 r = ins[0]
                 regions[node] = Region(r.y0 + top, r.y1 + top, r.x0 + left, r.x1 + left,
                                        out.shape[2], out.shape[3])
-            elif rule.kind == "pointwise":
+            elif rule.kind in ("pointwise", "alias"):
                 regions[node] = ins[0]
             else:
                 regions[node] = self._union(ins, out.shape)
@@ -813,8 +884,10 @@ class ApproximateEngine(IncrementalEngine):
     After a run, ``evaluated`` holds the indices of the positions that were computed.
     """
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, tau: float | None = 0.6,
-                 coarse_factor: int = 2, top_r: float = 0.25) -> None:
+    DEFAULTS = {"tau": 0.9, "coarse_factor": 2, "top_r": 0.3}
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, tau: float | None = 0.9,
+                 coarse_factor: int = 2, top_r: float = 0.3) -> None:
         if coarse_factor < 1 or int(coarse_factor) != coarse_factor:
             raise PipelineError(f"Krypton coarse_factor must be a positive integer, got "
                                 f"{coarse_factor}. Fix: use e.g. coarse_factor=2 (1 disables "

@@ -157,6 +157,9 @@ def resolve_engine(engine: str | Engine | None, model: nn.Module, x: torch.Tenso
 
     ``options`` go to the approximate engine (``tau``, ``coarse_factor``, ``top_r``).
     """
+    if options and engine != "approximate":
+        raise PipelineError(f"Occlusion options {sorted(options)} apply only to "
+                            "engine='approximate'. Fix: drop them or use engine='approximate'.")
     if engine is None or engine == "plain":
         return PlainEngine(model, x)
     if callable(engine):
@@ -166,6 +169,12 @@ def resolve_engine(engine: str | Engine | None, model: nn.Module, x: torch.Tenso
         return IncrementalEngine(model, x)
     if engine == "approximate":
         from pipeline.methods.krypton import ApproximateEngine
+        for name in options:
+            if name not in ApproximateEngine.DEFAULTS:
+                raise PipelineError(
+                    f"Unknown approximate-occlusion option '{name}'."
+                    f"{suggest(name, ApproximateEngine.DEFAULTS)} Fix: use "
+                    f"{', '.join(ApproximateEngine.DEFAULTS)}.")
         return ApproximateEngine(model, x, **options)
     raise PipelineError(f"Unknown occlusion engine '{engine}'.{suggest(str(engine), ENGINES)} "
                         f"Fix: use one of {', '.join(ENGINES)} or pass a callable.")

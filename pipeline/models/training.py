@@ -19,6 +19,7 @@ class TrainParams:
     lr: float = 5e-3
     weight_decay: float = 1e-4
     seed: int = 0
+    threads: int = 2
 
 
 @torch.no_grad()
@@ -36,8 +37,19 @@ def train_classifier(module: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test
                      y_test: torch.Tensor, p: TrainParams, progress: bool = True) -> dict[str, float]:
     """Train with AdamW and a one-cycle schedule; returns accuracies and timing.
 
-    Seeded shuffling and deterministic kernels make two CPU runs give identical weights.
+    Seeded shuffling and a fixed intra-op thread count make two CPU runs give identical weights,
+    also inside launcher jobs that change the default thread count.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(p.threads)
+    try:
+        return _train(module, x, y, x_test, y_test, p, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(module: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor,
+           y_test: torch.Tensor, p: TrainParams, progress: bool) -> dict[str, float]:
     torch.manual_seed(p.seed)
     gen = torch.Generator().manual_seed(p.seed)
     opt = torch.optim.AdamW(module.parameters(), lr=p.lr, weight_decay=p.weight_decay)

@@ -9,16 +9,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
-from torchvision.utils import make_grid, save_image
 
 from pipeline.errors import PipelineError
-from pipeline.methods.receptive import receptive_field, unit_box
-from pipeline.runtime import Context, images_to_tensor, model_view
+from pipeline.runtime import Context
+from pipeline.views import save_topk_grid
 
 QUERY_TYPES = ("topk", "direction", "neighbours", "neurons")
-CROP_SIZE = 64
 
 
 def _direction_vector(ctx: Context, store: Any, layer: str) -> tuple[np.ndarray, str]:
@@ -65,43 +61,12 @@ def run_query(ctx: Context) -> tuple[pd.DataFrame, str, str]:
     return store.neighbours(layer, str(cfg.image), k, exact=exact), layer, f"neighbours of {cfg.image} in {layer}"
 
 
-def crops(ctx: Context, images: torch.Tensor, layer: str, ys: np.ndarray, xs: np.ndarray,
-          hw: tuple[int, int]) -> torch.Tensor:
-    """Receptive-field crops around each (y, x) unit of ``layer``, resized to CROP_SIZE."""
-    model = ctx.model
-    field = receptive_field(model.module, layer, model.input_shape)
-    out = []
-    for img, y, x in zip(images, ys, xs):
-        x0, y0, x1, y1 = unit_box(int(y) * hw[1] + int(x), hw, img.shape[-2:], field)
-        out.append(F.interpolate(img[None, :, y0:y1, x0:x1], size=(CROP_SIZE, CROP_SIZE), mode="bilinear",
-                                 align_corners=False)[0])
-    return torch.stack(out)
-
-
-def save_grid(ctx: Context, table: pd.DataFrame, layer: str, path: Path) -> None:
-    """Images in the first row; receptive-field crops around the argmax below when the table has y/x."""
-    model = ctx.model
-    if "path" in table:
-        paths = table["path"].tolist()
-    else:  # neurons of one image: the same image, one crop per neuron
-        paths = [str(ctx.store().images().set_index("image_id").loc[_image_id(ctx), "path"])] * len(table)
-    views = model_view(model, images_to_tensor(paths, model.transform))
-    shown = F.interpolate(views, size=(CROP_SIZE * 2, CROP_SIZE * 2), mode="bilinear", align_corners=False)
-    tiles = [shown]
-    if {"y", "x"} <= set(table.columns):
-        hw = ctx.store().hw(layer)
-        c = crops(ctx, views, layer, table["y"].to_numpy(), table["x"].to_numpy(), hw)
-        tiles.append(F.interpolate(c, size=shown.shape[-2:], mode="nearest"))
-    grid = make_grid(torch.cat(tiles), nrow=len(table), padding=4, pad_value=1.0)
-    save_image(grid, path)
-
-
-def _image_id(ctx: Context) -> str:
-    """The query image's id (the config may give an id or a path)."""
+def _image_path(ctx: Context) -> str:
+    """The query image's path (the config may give an id or a path)."""
     images = ctx.store().images()
     image = str(ctx.cfg.query.image)
     hit = images[(images["image_id"] == image) | (images["path"] == image)]
-    return str(hit["image_id"].iloc[0])
+    return str(hit["path"].iloc[0])
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -121,6 +86,8 @@ def run(ctx: Context) -> dict[str, Any]:
     result: dict[str, Any] = {"query": what, "rows": len(table), "table": str(table_path)}
     if cfg.grid and len(table):
         grid_path = out / f"{stem}.png"
-        save_grid(ctx, table, layer, grid_path)
+        paths = table["path"].tolist() if "path" in table else [_image_path(ctx)] * len(table)
+        hw = ctx.store().hw(layer) if {"y", "x"} <= set(table.columns) else None
+        save_topk_grid(ctx.model, paths, layer, table if hw else None, hw, grid_path)
         result["grid"] = str(grid_path)
     return result

@@ -7,23 +7,27 @@ readable with ``faiss.read_index`` and no project code. Cosine is inner product 
 vectors.
 
 Exact search without scanning 2 GB of float32 per query: the flat folder also holds an 8-bit
-per-dimension quantisation of the vectors (``prescan-*.faiss``, ``QT_8bit_direct`` codes
-``c = round((x - vmin) / s)``) and, per dimension, the largest reconstruction error
-``E_j = max_i |x_ij - vmin_j - s_j c_ij|``. For a query q the estimate
-``q.vmin + sum_j (q_j s_j) c_ij`` differs from ``q.x_i`` by at most ``sum_j |q_j| E_j`` plus a
-float32 rounding margin. The pre-scan returns the top candidates by estimate (one thread per
+per-dimension quantisation of the vectors (``prescan-*.faiss``: ``QT_8bit_uniform`` codes, with
+each dimension's affine map ``x ~ vmin_j + s_j t(c)`` folded into the query, ``t`` being FAISS's own
+decoding table) and, per dimension, the largest reconstruction error
+``E_j = max_i |x_ij - vmin_j - s_j t(c_ij)|``. For a query q the estimate
+``q.vmin + sum_j (q_j s_j) t(c_ij)`` differs from ``q.x_i`` by at most ``sum_j |q_j| E_j`` plus a
+float rounding margin. The pre-scan returns the top candidates by estimate (one thread per
 prescan shard); they are re-scored exactly in float64, and the answer is accepted only when every
 vector left out has an upper bound below the k-th exact score; otherwise the candidate list grows,
 and in the worst case the search falls back to a full exact scan. The result is always exact.
+FAISS's estimates are checked against numpy when the pre-scan is built; if they disagree the
+pre-scan is left out (``prescan_disabled`` in the manifest) and searches scan everything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -100,6 +104,18 @@ def _tmp_dir(final: Path) -> Path:
     return tmp
 
 
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run FAISS calls of this thread on one OpenMP thread: a single query gains nothing from a
+    parallel region, and on a busy machine its barrier waits for a descheduled thread (milliseconds)."""
+    n = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(n)
+
+
 def build_flat(final: Path, blocks: Iterable[tuple[np.ndarray, np.ndarray]], n: int, channels: int,
                metric: str, manifest: dict[str, Any], prescan_min_rows: int = 20000,
                prescan_shards: int | None = None) -> dict[str, Any]:
@@ -134,41 +150,100 @@ def build_flat(final: Path, blocks: Iterable[tuple[np.ndarray, np.ndarray]], n: 
     info: dict[str, Any] = {"n": n, "channels": channels, "kind": "flat", "metric": metric, "prescan": 0}
     if n >= max(prescan_min_rows, 1):
         shards = max(1, min(prescan_shards or faiss.omp_get_max_threads(), n))
-        _build_prescan(tmp, xb, shards)
-        info["prescan"] = shards
+        info.update(_build_prescan(tmp, xb, shards))
     info["build_seconds"] = round(time.perf_counter() - t0, 3)
     atomic_write_json(tmp / "manifest.json", {**manifest, **info})
     _replace_dir(tmp, final)
     return info
 
 
-def _build_prescan(folder: Path, xb: np.ndarray, shards: int) -> None:
-    """Write ``prescan-<s>.faiss`` (8-bit codes of contiguous position ranges) and ``prescan.npz``."""
+def _decode_table(c: int) -> np.ndarray:
+    """FAISS's decoded value of each 8-bit code (0..255) for a uniform quantiser trained on [0, 255]."""
+    sq = _uniform_sq(c)
+    codes = np.repeat(np.arange(256, dtype=np.uint8)[:, None], c, 1)
+    return sq.sa_decode(codes)[:, 0].astype(np.float64)
+
+
+def _uniform_sq(c: int) -> faiss.IndexScalarQuantizer:
+    sq = faiss.IndexScalarQuantizer(c, faiss.ScalarQuantizer.QT_8bit_uniform, faiss.METRIC_INNER_PRODUCT)
+    sq.train(np.array([[0.0] * c, [255.0] * c], np.float32))
+    return sq
+
+
+def _build_prescan(folder: Path, xb: np.ndarray, shards: int) -> dict[str, Any]:
+    """Write ``prescan-<s>.faiss`` (8-bit codes of contiguous position ranges) and ``prescan.npz``.
+
+    ``QT_8bit_uniform`` codes with the per-dimension affine map folded into the query: the vector is
+    reconstructed as ``vmin + scale * table[code]`` (``table`` = FAISS's own decoding). ``QT_8bit_direct``
+    is not used: for d % 32 == 0 FAISS computes it in the byte domain, casting the query to bytes.
+    Returns {"prescan": shards} or, when FAISS's estimates fail a self-check, {"prescan": 0, ...}.
+    """
     n, c = xb.shape
-    vmin = np.full(c, np.inf)
-    vmax = np.full(c, -np.inf)
+    table = _decode_table(c)
+    lo = np.full(c, np.inf)
+    hi = np.full(c, -np.inf)
     for s in range(0, n, BLOCK):
-        vmin = np.minimum(vmin, xb[s:s + BLOCK].min(0))
-        vmax = np.maximum(vmax, xb[s:s + BLOCK].max(0))
-    scale = (vmax - vmin) / 255.0
+        lo = np.minimum(lo, xb[s:s + BLOCK].min(0))
+        hi = np.maximum(hi, xb[s:s + BLOCK].max(0))
+    step = table[1] - table[0]
+    if not np.allclose(np.diff(table), step, rtol=1e-5):
+        return {"prescan": 0, "prescan_disabled": "FAISS's 8-bit uniform decoding is not affine"}
+    scale = (hi - lo) / (table[255] - table[0])
     scale[scale == 0] = 1.0
+    vmin = lo - scale * table[0]
     err = np.zeros(c)
-    maxabs = np.maximum(np.abs(vmin), np.abs(vmax))
     bounds = np.linspace(0, n, shards + 1).astype(np.int64)
+    indexes = []
     for s in range(shards):
-        lo, hi = int(bounds[s]), int(bounds[s + 1])
-        sq = faiss.IndexScalarQuantizer(c, faiss.ScalarQuantizer.QT_8bit_direct, faiss.METRIC_INNER_PRODUCT)
-        sq.train(np.zeros((1, c), np.float32))
-        sq.codes.resize((hi - lo) * c)
-        codes = _view(sq.codes.data(), (hi - lo) * c, np.uint8).reshape(hi - lo, c)
-        for b in range(lo, hi, BLOCK):
-            x = xb[b:min(b + BLOCK, hi)].astype(np.float64)
-            q = np.clip(np.rint((x - vmin) / scale), 0, 255)
-            err = np.maximum(err, np.abs(x - (vmin + scale * q)).max(0))
-            codes[b - lo:b - lo + len(x)] = q.astype(np.uint8)
-        sq.ntotal = hi - lo
+        a, b = int(bounds[s]), int(bounds[s + 1])
+        sq = _uniform_sq(c)
+        sq.codes.resize((b - a) * c)
+        codes = _view(sq.codes.data(), (b - a) * c, np.uint8).reshape(b - a, c)
+        for at in range(a, b, BLOCK):
+            x = xb[at:min(at + BLOCK, b)].astype(np.float64)
+            q = np.clip(np.rint(((x - vmin) / scale - table[0]) / step), 0, 255).astype(np.uint8)
+            err = np.maximum(err, np.abs(x - (vmin + scale * table[q])).max(0))
+            codes[at - a:at - a + len(x)] = q
+        sq.ntotal = b - a
+        indexes.append(sq)
+    arrays = {"vmin": vmin, "scale": scale, "err": err, "table": table,
+              "maxabs": np.maximum(np.abs(lo), np.abs(hi)), "bounds": bounds}
+    problem = _self_check(indexes, arrays)
+    if problem:
+        return {"prescan": 0, "prescan_disabled": problem}
+    for s, sq in enumerate(indexes):
         faiss.write_index(sq, str(folder / f"prescan-{s}.faiss"))
-    np.savez(folder / PRESCAN_NPZ, vmin=vmin, scale=scale, err=err, maxabs=maxabs, bounds=bounds)
+    np.savez(folder / PRESCAN_NPZ, **arrays)
+    return {"prescan": shards}
+
+
+def _prescan_margin(qs: np.ndarray, q: np.ndarray, arrays: dict[str, np.ndarray]) -> float:
+    """Bound on the float rounding of FAISS's float32 estimate and of the float64 re-scoring."""
+    d = len(q)
+    gamma = (d + 1) * _U32 / (1 - (d + 1) * _U32)
+    tmax = float(np.abs(arrays["table"]).max())
+    return 1.01 * ((gamma + 2 * _U32) * tmax * float(np.abs(qs).sum())
+                   + 3 * (d + 2) * _U64 * float(np.abs(q) @ (arrays["maxabs"] + np.abs(arrays["vmin"]))))
+
+
+def _self_check(indexes: list[faiss.Index], arrays: dict[str, np.ndarray]) -> str:
+    """Check FAISS's estimates against numpy on sampled codes: the exactness proof relies on them."""
+    rng = np.random.default_rng(5)
+    c = len(arrays["vmin"])
+    for sq in indexes:
+        m = min(sq.ntotal, 512)
+        ids = np.sort(rng.choice(sq.ntotal, m, replace=False)).astype(np.int64)
+        codes = _view(sq.codes.data(), sq.ntotal * c, np.uint8).reshape(sq.ntotal, c)[ids]
+        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(ids))
+        for _ in range(3):
+            q = rng.standard_normal(c)
+            qs = q * arrays["scale"]
+            dist, got = sq.search(qs.astype(np.float32)[None], m, params=params)
+            want = arrays["table"][codes] @ qs
+            order = np.searchsorted(ids, got[0])
+            if not np.all(np.abs(dist[0] - want[order]) <= _prescan_margin(qs, q, arrays) + 1e-12):
+                return "FAISS's 8-bit estimates disagree with numpy on this machine"
+    return ""
 
 
 class FlatIndex:
@@ -188,9 +263,9 @@ class FlatIndex:
         self._prescan: list[faiss.Index] = []
         self._pool: ThreadPoolExecutor | None = None
         if self.manifest.get("prescan"):
-            z = np.load(folder / PRESCAN_NPZ)
-            self.vmin, self.scale, self.err, self.maxabs = z["vmin"], z["scale"], z["err"], z["maxabs"]
-            self.bounds = z["bounds"]
+            with np.load(folder / PRESCAN_NPZ) as z:
+                self._arrays = {k: z[k] for k in z.files}
+            self.bounds = self._arrays["bounds"]
             self._prescan = [faiss.read_index(str(folder / f"prescan-{s}.faiss"), faiss.IO_FLAG_MMAP_IFC)
                              for s in range(int(self.manifest["prescan"]))]
 
@@ -218,21 +293,16 @@ class FlatIndex:
             return np.empty(0, np.int64), np.empty(0)
         if not self._prescan or self.n <= 4 * (k + 64):
             return self.brute(q, k)
-        qa = np.abs(q)
-        qs = q * self.scale
+        qs = q * self._arrays["scale"]
         qs32 = qs.astype(np.float32)[None]
-        d = self.channels
-        gamma = (d + 1) * _U32 / (1 - (d + 1) * _U32)
-        bound = float(qa @ self.err)
-        margin = 1.01 * ((gamma + _U32) * 255.0 * float(np.abs(qs).sum())
-                         + 4 * d * _U64 * float(qa @ self.maxabs) * 3)
-        const = float(q @ self.vmin)
+        slack = float(np.abs(q) @ self._arrays["err"]) + _prescan_margin(qs, q, self._arrays)
+        const = float(q @ self._arrays["vmin"])
         kp = max(2 * k, k + 64)
         while kp * len(self._prescan) < self.n // 2:
             pos, thresh = self._prescan_search(qs32, kp)
             scores = self.rescore(pos, q)
             top, top_scores = self.best(pos, scores, k)
-            if thresh == -math.inf or thresh + const + bound + margin < top_scores[-1]:
+            if thresh == -math.inf or thresh + const + slack < top_scores[-1]:
                 return top, top_scores
             kp *= 8
         return self.brute(q, k)
@@ -243,7 +313,8 @@ class FlatIndex:
             dist, ids = self._prescan[s].search(qs32, kp)
             return dist[0], ids[0]
         if len(self._prescan) == 1:
-            results = [one(0)]
+            with single_thread():
+                results = [one(0)]
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(len(self._prescan), initializer=faiss.omp_set_num_threads,
@@ -273,8 +344,14 @@ def build_approx(final: Path, flat: FlatIndex, kind: str, manifest: dict[str, An
                  params: dict[str, Any]) -> dict[str, Any]:
     """Build an IVF (``nlist``, default sqrt(N)) or HNSW (``M``=32, ``ef_construction``=80) index
     with 8-bit codes over the flat index's vectors, then pick the smallest ``nprobe``/``ef_search``
-    whose recall@10 against exact search reaches ``target_recall`` (default 0.98) on sampled queries.
+    whose recall@10 against exact search reaches ``target_recall`` (default 0.98) on sampled queries,
+    and keep twice that as a margin.
     """
+    allowed = {"train_size", "refine", "target_recall"} | ({"nlist"} if kind == "ivf" else {"M", "ef_construction"})
+    unknown = set(params) - allowed
+    if unknown:
+        raise PipelineError(f"unknown {kind} index parameter(s) {', '.join(sorted(unknown))}: "
+                            f"use {', '.join(sorted(allowed))}.")
     t0 = time.perf_counter()
     n, c = flat.n, flat.channels
     rng = np.random.default_rng(0)
@@ -291,16 +368,23 @@ def build_approx(final: Path, flat: FlatIndex, kind: str, manifest: dict[str, An
         inner.hnsw.efConstruction = int(params.get("ef_construction", 80))
         info = {"M": int(params.get("M", 32)), "ef_construction": inner.hnsw.efConstruction}
     inner.train(sample)
-    del sample
     index = faiss.IndexIDMap2(inner)
     for s in range(0, n, BLOCK):
         index.add_with_ids(np.ascontiguousarray(flat.vectors[s:s + BLOCK]), flat.rows[s:s + BLOCK])
     refine = int(params.get("refine", 4))
-    setting, recall = _calibrate(index, kind, flat, refine, float(params.get("target_recall", 0.98)),
-                                 info.get("nlist", 0))
+    del sample
+    queries = _calibration_queries(flat)
+    if kind == "ivf":
+        nlist = info["nlist"]
+        ladder = [2 ** i for i in range(0, 16) if 2 ** i < nlist] + [nlist]
+    else:
+        ladder = [16, 32, 64, 128, 256, 512, 1024]
+    approx = ApproxSearch(index, kind, flat, refine, ladder[-1])
+    setting, recall = _calibrate(approx, flat, queries, float(params.get("target_recall", 0.98)), ladder)
+    setting = min(2 * setting, ladder[-1])           # margin for queries unlike the calibration set
     info.update({"n": n, "channels": c, "kind": kind, "metric": flat.metric, "refine": refine,
                  ("nprobe" if kind == "ivf" else "ef_search"): setting, "calibration_recall_at_10": recall,
-                 "build_seconds": round(time.perf_counter() - t0, 3)})
+                 "calibration_queries": len(queries), "build_seconds": round(time.perf_counter() - t0, 3)})
     tmp = _tmp_dir(final)
     faiss.write_index(index, str(tmp / INDEX_FILE))
     atomic_write_json(tmp / "manifest.json", {**manifest, **info})
@@ -315,26 +399,33 @@ def _set_search_param(index: faiss.Index, kind: str, value: int) -> None:
         faiss.downcast_index(index.index).hnsw.efSearch = value
 
 
-def _calibrate(index: faiss.Index, kind: str, flat: FlatIndex, refine: int, target: float,
-               nlist: int) -> tuple[int, float]:
-    """Smallest nprobe / efSearch reaching ``target`` mean recall@10 (stored vectors and differences)."""
+def _calibration_queries(flat: FlatIndex) -> list[np.ndarray]:
+    """Queries like the real ones: stored vectors (neighbours) and differences between the means
+    of two neighbourhoods (a proxy for class directions). Arbitrary directions are left to the
+    exact search."""
     rng = np.random.default_rng(1)
+    picks = rng.choice(flat.n, min(flat.n, 32), replace=False)
+    queries = [flat.vectors[i].astype(np.float64) for i in picks]
+    group = max(1, min(50, flat.n // 20))
+    for a, b in rng.choice(flat.n, (24, 2)):
+        means = [flat.vectors[flat.search(flat.vectors[i].astype(np.float64), group)[0]].mean(0, dtype=np.float64)
+                 for i in (a, b)]
+        queries.append(means[0] - means[1])
+    queries = [q for q in queries if np.linalg.norm(q) > 0]
+    return [q / np.linalg.norm(q) for q in queries] if flat.metric == "cosine" else queries
+
+
+def _calibrate(approx: ApproxSearch, flat: FlatIndex, queries: list[np.ndarray], target: float,
+               ladder: list[int]) -> tuple[int, float]:
+    """Smallest nprobe / efSearch in ``ladder`` whose mean recall@10 against exact search reaches
+    ``target`` on ``queries``."""
     k = min(10, flat.n)
-    picks = rng.choice(flat.n, min(flat.n, 48), replace=False)
-    pairs = rng.choice(flat.n, (16, 2))
-    raw = [flat.vectors[i].astype(np.float64) for i in picks]
-    raw += [flat.vectors[a].astype(np.float64) - flat.vectors[b] for a, b in pairs]
-    queries = [q for q in raw if np.linalg.norm(q) > 0]
-    queries = [q / np.linalg.norm(q) if flat.metric == "cosine" else q for q in queries]
     truth = [set(flat.search(q, k)[0].tolist()) for q in queries]
-    ladder = [2 ** i for i in range(0, 16) if 2 ** i < nlist] + [nlist] if kind == "ivf" \
-        else [16, 32, 64, 128, 256, 512, 1024]
-    approx = ApproxSearch(index, kind, flat, refine, ladder[-1])
     recall = 0.0
     for value in ladder:
         approx.set(value)
-        recall = float(np.mean([len(truth[i] & set(approx.search(q, k)[0].tolist())) / k
-                                for i, q in enumerate(queries)])) if queries else 1.0
+        recall = float(np.mean([len(t & set(approx.search(q, k)[0].tolist())) / k
+                                for t, q in zip(truth, queries)])) if queries else 1.0
         if recall >= target:
             return value, recall
     return ladder[-1], recall
@@ -358,8 +449,10 @@ class ApproxSearch:
         _set_search_param(self.index, self.kind, value)
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` positions and exact scores among the index's ``refine * k`` candidates."""
         k = min(k, self.flat.n)
-        _, ids = self.index.search(q.astype(np.float32)[None], max(k * self.refine, k + 8))
+        with single_thread():
+            _, ids = self.index.search(q.astype(np.float32)[None], max(k * self.refine, k + 8))
         pos = self.flat.positions(ids[0][ids[0] >= 0])
         pos = pos[pos >= 0]
         return self.flat.best(pos, self.flat.rescore(pos, q), k)

@@ -366,8 +366,10 @@ class ActivationStore:
                                  w.folder / layer_dirname(layer) / name)
             running = w.topk.setdefault(layer, {})
             for stat, block in (("max", maxs), ("mean", means)):
-                new = tk.chunk_topk(block.astype(np.float32), rows[keep], am, self.top_k)
-                running[stat] = tk.merge([running[stat], new], self.top_k) if stat in running else new
+                prev = running.get(stat)
+                floor = tk.floor_of(prev, self.top_k) if prev is not None else None
+                new = tk.chunk_topk(block.astype(np.float32), rows[keep], am, self.top_k, floor)
+                running[stat] = tk.merge([prev, new], self.top_k) if prev is not None else new
             w.known_layers[layer] = w.journal["layers"][layer] = {"channels": int(maxv.shape[1]), "hw": list(hw)}
             entry["layers"][layer] = {"file": f"{layer_dirname(layer)}/{name}", "n": int(keep.sum()),
                                       "rows": None if keep.all() else rows[keep].tolist()}

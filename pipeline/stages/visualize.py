@@ -1,0 +1,570 @@
+"""stage=visualize: what a layer's channels and the model's classes look for.
+
+For one layer and a few of its channels (a list, a range, or the n most active) this writes
+
+* the gradient-ascent picture of each channel (``render`` with ``channel(layer, c)``, all channels
+  in one batched, seeded call that runs the network only up to the layer);
+* the deconvnet projections of each channel's top dataset images (from the activation store, or
+  from a forward pass over a sample when the store lacks the layer), each beside its image patch:
+  the receptive field around the channel's strongest unit, as in Zeiler & Fergus's Fig. 2;
+* the gradient-ascent picture of classes (every class of a small model such as the digits CNN, or
+  the configured class names), with the model's confidence that the picture shows that class.
+
+Each picture is a cached artifact (``cache/artifacts/{ascent,class_ascent,deconv}/..``, keyed by
+method, version, parameters, model key and, for deconv, the image id), so a re-run reads them
+back. The run folder gets the grids and ``visualize/index.parquet`` (one row per picture) for the
+report stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from PIL import Image
+from torchvision.utils import make_grid
+
+from pipeline.artifacts import META_FILE, OVERLAY_FILE, Artifact, artifact_key, artifact_kind, read_artifact
+from pipeline.cache import Cache, atomic_write_json
+from pipeline.data.loader import record_loader
+from pipeline.errors import PipelineError, suggest
+from pipeline.methods.activations import channel_stats
+from pipeline.methods.ascent import channel, class_objective, objective_values, render, truncated_forward
+from pipeline.methods.deconvnet import _HOOKED, deconvnet, deconvnet_explicit
+from pipeline.methods.receptive import receptive_field, unit_box
+from pipeline.models import ModelBundle
+from pipeline.runtime import Context, images_to_tensor
+from pipeline.store.layout import layer_dirname
+
+log = logging.getLogger(__name__)
+
+ASCENT_VERSION = 1
+DECONV_VERSION = 1
+PATCH_FILE = "patch.png"
+DECONV_MODES = ("auto", "explicit", "hooked")
+
+
+# ------------------------------------------------------------------------------ selection ---
+
+def layer_output_shape(model: ModelBundle, layer: str) -> tuple[int, ...]:
+    """Shape of ``layer``'s output for one input image (without the batch), by a truncated forward."""
+    ref = next(model.module.parameters())
+    with torch.no_grad():
+        out = truncated_forward(model.module, torch.zeros(1, *model.input_shape, device=ref.device), [layer])
+    return tuple(out[layer].shape[1:])
+
+
+def resolve_layer(ctx: Context, spec: Any) -> tuple[str, tuple[int, int, int]]:
+    """The layer to visualise and its (C, H, W) output shape.
+
+    ``None`` takes the last of the model's default layers with a channel map (the last conv block).
+    A name must be one module of ``model.named_modules()`` whose output is a (B, C, H, W) map.
+    """
+    model = ctx.model
+    if spec is None:
+        candidates = ctx.layers()
+        for name in reversed(candidates):
+            shape = layer_output_shape(model, name)
+            if len(shape) == 3:
+                return name, shape  # type: ignore[return-value]
+        raise PipelineError(f"none of {model.name}'s default layers ({', '.join(candidates)}) has a channel "
+                            "map; set visualize.layer to a convolutional layer.")
+    if not isinstance(spec, str):
+        raise PipelineError(f"visualize.layer must be one layer name, got {spec!r}.")
+    names = [n for n, _ in model.module.named_modules() if n]
+    if spec not in names:
+        defaults = ", ".join(ctx.layers())
+        raise PipelineError(f"unknown layer {spec!r} in model {model.name}.{suggest(spec, names)} Layers with "
+                            f"channel maps include: {defaults}. List them all with "
+                            f"`python -m pipeline stage=layers model={ctx.cfg.model.name}`.")
+    shape = layer_output_shape(model, spec)
+    if len(shape) != 3:
+        convs = [n for n, m in model.module.named_modules() if isinstance(m, torch.nn.Conv2d)]
+        raise PipelineError(f"layer {spec!r} outputs shape {shape} per image, not a (C, H, W) channel map; "
+                            f"pick a convolutional layer, e.g. {', '.join(convs[-6:])}.")
+    return spec, shape  # type: ignore[return-value]
+
+
+_RANGE = re.compile(r"^\s*(-?\d*)\s*:\s*(-?\d*)\s*(?::\s*(-?\d*)\s*)?$")
+
+
+def parse_channels(spec: Any, n_channels: int, layer: str) -> list[int] | None:
+    """Channels from a list, a range string ``"a:b"`` / ``"a:b:step"`` (end excluded), an int, or a
+    comma list ``"1,4,7"``; ``None`` means "the most active" (returns None). Checks the range."""
+    if spec is None:
+        return None
+    valid = f"layer {layer!r} has {n_channels} channels: use 0..{n_channels - 1}"
+    if isinstance(spec, (ListConfig, list, tuple)):
+        items = list(spec)
+    elif isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+        items = [int(spec)]
+    elif isinstance(spec, str) and _RANGE.match(spec):
+        start, stop, step = (int(v) if v not in (None, "") else None for v in _RANGE.match(spec).groups())
+        if step == 0:
+            raise PipelineError(f"visualize.channels={spec!r}: a range step cannot be 0.")
+        if (start is not None and not 0 <= start < n_channels) or (stop is not None and not 0 <= stop <= n_channels):
+            raise PipelineError(f"visualize.channels={spec!r} is out of range: {valid} (a range a:b ends "
+                                f"before b, so b can be at most {n_channels}).")
+        items = list(range(n_channels))[slice(start, stop, step)]
+        if not items:
+            raise PipelineError(f"visualize.channels={spec!r} selects no channel; {valid}.")
+    elif isinstance(spec, str) and re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", spec):
+        items = [int(v) for v in spec.split(",")]
+    else:
+        raise PipelineError(f"visualize.channels={spec!r} is not a channel list ([0, 5]), a range ('0:8'), "
+                            f"a channel number or null (the most active).")
+    out: list[int] = []
+    for c in items:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
+            raise PipelineError(f"visualize.channels: {c!r} is not a channel number; {valid}.")
+        if not 0 <= int(c) < n_channels:
+            raise PipelineError(f"channel {c} is out of range: {valid}.")
+        if int(c) not in out:
+            out.append(int(c))
+    if not out:
+        raise PipelineError(f"visualize.channels is empty; give channels or null for the most active ({valid}).")
+    return out
+
+
+def resolve_classes(spec: Any, class_names: Sequence[str], all_up_to: int) -> list[int]:
+    """Class indices to visualise: every class of a model with at most ``all_up_to`` classes, else
+    ``spec`` (names, case-insensitive, or indices), with a clear error for an unknown name."""
+    n = len(class_names)
+    if n <= all_up_to:
+        return list(range(n))
+    lookup: dict[str, int] = {}
+    for i, name in enumerate(class_names):
+        lookup.setdefault(name.lower(), i)
+    out: list[int] = []
+    for item in list(spec or []):
+        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            if not 0 <= int(item) < n:
+                raise PipelineError(f"visualize.classes: class {item} is out of range: the model has {n} classes "
+                                    f"(0..{n - 1}).")
+            k = int(item)
+        else:
+            k = lookup.get(str(item).strip().lower(), -1)
+            if k < 0:
+                raise PipelineError(f"visualize.classes: unknown class name {str(item)!r}."
+                                    f"{suggest(str(item), class_names)} Give names from the model's class "
+                                    f"list (or indices 0..{n - 1}).")
+        if k not in out:
+            out.append(k)
+    return out
+
+
+# ------------------------------------------------------------------- channel statistics ---
+
+@dataclass
+class LayerStats:
+    """Where the channel statistics come from and the per-channel mean activation over the images."""
+
+    source: str            # "store" or "sample"
+    n_images: int
+    channel_means: np.ndarray | None      # None when the channels are configured (not needed)
+    sample: pd.DataFrame | None = None      # sample mode: image_id, path, label (one row per image)
+    sample_max: np.ndarray | None = None    # sample mode: (N, C) spatial max
+    sample_argmax: np.ndarray | None = None  # sample mode: (N, C) flat argmax (y * W + x)
+
+
+def store_for(ctx: Context, layer: str) -> Any:
+    """The activation store when it holds ``layer``, else None (with the reason logged)."""
+    try:
+        store = ctx.store()
+    except PipelineError as e:
+        log.warning("visualize: %s Using a forward pass over a sample of the dataset instead.", e)
+        return None
+    if layer not in store.layers():
+        log.warning("visualize: the activation store has no layer %r (it has %s); using a forward pass over a "
+                    "sample of the dataset instead (add it with stage=extract extract.layers=[...]).",
+                    layer, ", ".join(store.layers()) or "none")
+        return None
+    return store
+
+
+def store_channel_means(store: Any, layer: str) -> tuple[np.ndarray, int]:
+    """Mean over all stored images of each channel's per-image mean activation, read from the
+    layer's Parquet dataset (one ``mean_<c>`` column per channel)."""
+    c = store.channels(layer)
+    table = pq.read_table(store.root / layer_dirname(layer), columns=[f"mean_{j}" for j in range(c)])
+    means = np.array([table.column(j).to_numpy().astype(np.float64).mean() if table.num_rows else 0.0
+                      for j in range(c)])
+    return means, table.num_rows
+
+
+def sample_stats(ctx: Context, layer: str, n: int) -> LayerStats:
+    """Channel statistics from a forward pass (up to ``layer``) over ``n`` dataset images, drawn
+    with the run's seed from the records sorted by image id (the same sample on every run)."""
+    records = ctx.dataset.records.sort_values("image_id", kind="stable").reset_index(drop=True)
+    if len(records) == 0:
+        raise PipelineError("the dataset has no images to visualise channels with.")
+    if len(records) > n:
+        records = records.sample(n=n, random_state=int(ctx.cfg.seed)).reset_index(drop=True)
+    model = ctx.model
+    maxes, means, argmaxes = [], [], []
+    with torch.no_grad():
+        for x, _ in record_loader(records, model.transform, int(ctx.cfg.visualize.batch_size)):
+            act = truncated_forward(model.module, x.to(ctx.device), [layer])[layer]
+            mx, mean, arg, _ = channel_stats(act)
+            maxes.append(mx.cpu())
+            means.append(mean.cpu())
+            argmaxes.append(arg.cpu())
+    mean_all = torch.cat(means).double().mean(0).numpy()
+    return LayerStats("sample", len(records), mean_all, records[["image_id", "path", "label"]],
+                      torch.cat(maxes).numpy(), torch.cat(argmaxes).numpy().astype(np.int64))
+
+
+def top_images(stats: LayerStats, store: Any, layer: str, c: int, k: int, hw: tuple[int, int]) -> pd.DataFrame:
+    """The ``k`` images whose spatial max of channel ``c`` is highest: image_id, path, value, y, x."""
+    if store is not None:
+        return store.topk(layer, c, k, by="max")[["image_id", "path", "value", "y", "x"]]
+    assert stats.sample is not None and stats.sample_max is not None and stats.sample_argmax is not None
+    order = np.argsort(-stats.sample_max[:, c], kind="stable")[:k]
+    df = stats.sample.iloc[order][["image_id", "path"]].reset_index(drop=True)
+    df["value"] = stats.sample_max[order, c]
+    df["y"], df["x"] = stats.sample_argmax[order, c] // hw[1], stats.sample_argmax[order, c] % hw[1]
+    return df
+
+
+# ---------------------------------------------------------------------- artifact writing ---
+
+def to_uint8(t: torch.Tensor) -> np.ndarray:
+    """(C, H, W) in [0, 1] -> (H, W) or (H, W, 3) uint8."""
+    arr = np.round(t.detach().float().clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
+    return arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
+
+
+def save_png(t: torch.Tensor, path: Path) -> None:
+    """Save a (C, H, W) picture in [0, 1] as a grayscale or RGB PNG."""
+    Image.fromarray(to_uint8(t)).save(path)
+
+
+def load_png(path: Path) -> torch.Tensor:
+    """A PNG as a (C, H, W) float tensor in [0, 1] (1 channel for grayscale)."""
+    arr = np.asarray(Image.open(path)).astype(np.float32) / 255.0
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def write_picture(cache: Cache, method: str, key: str, raw: np.ndarray, picture: torch.Tensor,
+                  meta: dict[str, Any], patch: torch.Tensor | None = None) -> Artifact:
+    """Write an artifact whose ``overlay.png`` is a picture in its own right (an ascent image, a
+    deconvnet projection) rather than a heat map over an image, which ``pipeline.artifacts``'s
+    writer does not offer; same layout: map.npy, overlay.png, meta.json (+ patch.png), manifest last."""
+    raw = np.asarray(raw, dtype=np.float32)
+    meta = {**meta, "method": method, "key": key, "shape": list(raw.shape), "extras": []}
+    kind = artifact_kind(method)
+    with cache.write(kind, key, {"method": method}, fanout=True) as tmp:
+        np.save(tmp / "map.npy", raw)
+        save_png(picture, tmp / OVERLAY_FILE)
+        if patch is not None:
+            save_png(patch, tmp / PATCH_FILE)
+        atomic_write_json(tmp / META_FILE, meta)
+    return Artifact(method, key, cache.path(kind, key, fanout=True), raw, meta, cached=False)
+
+
+def ascent_params(cfg: DictConfig, model: ModelBundle) -> dict[str, Any]:
+    """The render keyword arguments from ``visualize.ascent`` (all of them change the picture)."""
+    a = cfg.ascent
+    return {"steps": int(a.steps), "lr": float(a.lr), "param": str(a.param), "decorrelate": bool(a.decorrelate),
+            "transforms": None if bool(a.transforms) else [], "l2": float(a.l2), "tv": float(a.tv),
+            "blur_every": int(a.blur_every), "blur_sigma": float(a.blur_sigma), "seed": int(a.seed),
+            "mean": list(model.mean), "std": list(model.std)}
+
+
+def render_cached(ctx: Context, method: str, names: list[dict[str, Any]], objectives: list[Any],
+                  ) -> list[Artifact]:
+    """Ascent pictures for ``objectives`` (one cached artifact each, keyed by ``names[i]``); the
+    missing ones are rendered together in one batch."""
+    model = ctx.model
+    params = ascent_params(ctx.cfg.visualize, model)
+    key_params = {**params, "transforms": "standard" if params["transforms"] is None else "none",
+                  "shape": list(model.input_shape)}
+    keys = [artifact_key(method, ASCENT_VERSION, {**key_params, **n}, model.key, "") for n in names]
+    arts: list[Artifact | None] = [read_artifact(ctx.cache, method, k) for k in keys]
+    todo = [i for i, a in enumerate(arts) if a is None]
+    if todo:
+        log.info("visualize: rendering %d %s picture(s), %d steps", len(todo), method, params["steps"])
+        pictures = render(model.module, [objectives[i] for i in todo], model.input_shape, **params).cpu()
+        values = objective_values(model.module, [objectives[i] for i in todo], pictures.to(ctx.device),
+                                  mean=model.mean, std=model.std).cpu()
+        extra = class_confidences(model, pictures, [names[i].get("class_index") for i in todo])
+        for j, i in enumerate(todo):
+            meta = {**names[i], "objective": objectives[i].name, "objective_value": float(values[j]),
+                    "params": key_params, **extra[j]}
+            arts[i] = write_picture(ctx.cache, method, keys[i], pictures[j].numpy(), pictures[j], meta)
+    return [a for a in arts if a is not None]
+
+
+def class_confidences(model: ModelBundle, pictures: torch.Tensor, classes: list[int | None]) -> list[dict[str, Any]]:
+    """For class pictures: the model's softmax probability of the class and its predicted class."""
+    if all(k is None for k in classes):
+        return [{} for _ in classes]
+    ref = next(model.module.parameters())
+    m = torch.as_tensor(model.mean, dtype=torch.float32, device=ref.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(model.std, dtype=torch.float32, device=ref.device).view(1, -1, 1, 1)
+    with torch.no_grad():
+        probs = model.module((pictures.to(ref.device) - m) / s).softmax(1).cpu()
+    out = []
+    for p, k in zip(probs, classes):
+        pred = int(p.argmax())
+        out.append({} if k is None else {"confidence": float(p[k]), "predicted": pred,
+                                         "predicted_name": model.class_names[pred]})
+    return out
+
+
+# ------------------------------------------------------------------------------- deconv ---
+
+def resolve_deconv_mode(model: ModelBundle, layer: str, mode: str) -> tuple[str, str]:
+    """``explicit`` or ``hooked`` and why: auto tries the explicit deconvnet on a probe input and
+    takes the hooked one when the network is not a conv/ReLU/max-pool chain."""
+    if mode not in DECONV_MODES:
+        raise PipelineError(f"visualize.deconv.mode={mode!r} is not one of {', '.join(DECONV_MODES)}.")
+    if mode == "hooked":
+        return "hooked", "configured"
+    ref = next(model.module.parameters())
+    try:
+        deconvnet_explicit(model.module, torch.zeros(1, *model.input_shape, device=ref.device), layer, 0)
+    except PipelineError as e:
+        if _HOOKED not in str(e):
+            raise
+        if mode == "explicit":
+            raise PipelineError(f"visualize.deconv.mode=explicit cannot handle {model.name} up to {layer!r}: "
+                                f"{str(e).split(';')[0]}. Set visualize.deconv.mode=hooked (the hooked "
+                                f"backward pass handles BatchNorm, residual blocks and any other layer) or "
+                                f"mode=auto.") from None
+        return "hooked", str(e).split(";")[0]
+    return "explicit", "conv/ReLU/max-pool chain" if mode == "auto" else "configured"
+
+
+@dataclass
+class DeconvJob:
+    """One projection to compute: channel ``channel`` of the layer on one image."""
+
+    channel: int
+    rank: int
+    image_id: str
+    path: str
+    key: str
+
+
+def patch_views(projection: torch.Tensor, image: torch.Tensor, box: tuple[int, int, int, int],
+                min_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projection and the image cropped to ``box``, for display: the projection centred on grey
+    (0.5 = zero, scaled by its largest magnitude), both enlarged (nearest) to ``min_size`` pixels."""
+    x0, y0, x1, y1 = box
+    proj = projection[:, y0:y1, x0:x1]
+    top = float(proj.abs().max())
+    proj = proj / (2 * top) + 0.5 if top > 0 else torch.full_like(proj, 0.5)
+    crop = image[:, y0:y1, x0:x1]
+    factor = math.ceil(min_size / max(proj.shape[1:])) if max(proj.shape[1:]) < min_size else 1
+    if factor > 1:
+        proj = F.interpolate(proj[None], scale_factor=factor, mode="nearest")[0]
+        crop = F.interpolate(crop[None], scale_factor=factor, mode="nearest")[0]
+    return proj.clamp(0, 1), crop.clamp(0, 1)
+
+
+def compute_deconv(ctx: Context, layer: str, hw: tuple[int, int], jobs: list[DeconvJob], mode: str,
+                   field: tuple[int, int], params: dict[str, Any]) -> None:
+    """Run the deconvnet on the jobs' images in batches and write one artifact per job."""
+    model = ctx.model
+    cfg = ctx.cfg.visualize
+    fn = deconvnet_explicit if mode == "explicit" else deconvnet
+    mean = torch.as_tensor(model.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.as_tensor(model.std, dtype=torch.float32).view(-1, 1, 1)
+    c, h, w = model.input_shape
+    bs = max(1, int(cfg.batch_size))
+    for s in range(0, len(jobs), bs):
+        batch = jobs[s:s + bs]
+        x = images_to_tensor([j.path for j in batch], model.transform)
+        res = fn(model.module, x.to(ctx.device), layer, [j.channel for j in batch],
+                 scale_by_activation=bool(cfg.deconv.scale_by_activation))
+        for i, job in enumerate(batch):
+            y, xx = (int(v) for v in res.position[i])
+            box = unit_box(y * hw[1] + xx, hw, (h, w), field)
+            proj = res.projection[i].detach().cpu()
+            image = (x[i] * std + mean).clamp(0, 1)
+            shown, patch = patch_views(proj, image, box, int(cfg.deconv.patch_min_size))
+            meta = {"layer": layer, "channel": job.channel, "image_id": job.image_id, "path": job.path,
+                    "position": [y, xx], "value": float(res.value[i]), "box": list(box),
+                    "field": list(field), "params": params}
+            write_picture(ctx.cache, "deconv", job.key, proj.numpy(), shown, meta, patch)
+
+
+# ---------------------------------------------------------------------------------- grids ---
+
+def grid(pictures: list[torch.Tensor], nrow: int) -> torch.Tensor:
+    """Pictures (C, H, W) in [0, 1] side by side, white gaps; grayscale is shown as RGB."""
+    size = max(p.shape[1] for p in pictures), max(p.shape[2] for p in pictures)
+    same = [p if tuple(p.shape[1:]) == size else F.interpolate(p[None], size=size, mode="nearest")[0]
+            for p in pictures]
+    same = [p.expand(3, -1, -1) if p.shape[0] == 1 else p for p in same]
+    return make_grid(torch.stack(same), nrow=nrow, padding=2, pad_value=1.0)
+
+
+def side_by_side(left: torch.Tensor, right: torch.Tensor, gap: int = 8) -> torch.Tensor:
+    """Two grids next to each other, top-aligned, on white."""
+    h = max(left.shape[1], right.shape[1])
+    out = torch.ones(3, h, left.shape[2] + gap + right.shape[2])
+    out[:, :left.shape[1], :left.shape[2]] = left
+    out[:, :right.shape[1], left.shape[2] + gap:] = right
+    return out
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of a layer or class name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "layer"
+
+
+# ------------------------------------------------------------------------------------ run ---
+
+def plain(value: Any) -> Any:
+    """A config value as plain Python (lists instead of ListConfig)."""
+    return OmegaConf.to_object(value) if isinstance(value, (ListConfig, DictConfig)) else value
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    """Write the ascent, deconv and class pictures (cached), their grids and the index table.
+
+    Everything the user set is checked before any work: layer, channels, deconv mode, classes.
+    """
+    cfg = ctx.cfg.visualize
+    model = ctx.model
+    model.module.eval()
+    layer, (n_channels, lh, lw) = resolve_layer(ctx, cfg.layer)
+    chosen = parse_channels(plain(cfg.channels), n_channels, layer)
+    mode, why = resolve_deconv_mode(model, layer, str(cfg.deconv.mode))
+    classes = resolve_classes(plain(cfg.classes), model.class_names, int(cfg.all_classes_up_to))
+    if int(cfg.top) < 1:
+        raise PipelineError(f"visualize.top must be at least 1, got {cfg.top}.")
+    out_dir = ctx.run_dir / "visualize"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    store = store_for(ctx, layer)
+    if store is None:
+        stats = sample_stats(ctx, layer, int(cfg.sample))
+    elif chosen is None:
+        means, n_rows = store_channel_means(store, layer)
+        stats = LayerStats("store", n_rows, means)
+    else:
+        stats = LayerStats("store", int(store.manifest["n_images"]), None)
+    if chosen is None:
+        assert stats.channel_means is not None
+        n = max(1, min(int(cfg.n_most_active), n_channels))
+        chosen = [int(c) for c in np.argsort(-stats.channel_means, kind="stable")[:n]]
+        selection = f"{n} most active by mean activation over {stats.n_images} images ({stats.source})"
+    else:
+        selection = "configured"
+    log.info("visualize: layer %s, channels %s (%s); deconvnet %s (%s)", layer, chosen, selection, mode, why)
+    result: dict[str, Any] = {"layer": layer, "channels": chosen, "selection": selection, "source": stats.source,
+                              "deconv_mode": mode}
+
+    rows = channel_ascent(ctx, layer, chosen, out_dir)
+    deconv_rows, field = channel_deconv(ctx, layer, (lh, lw), chosen, stats, store, mode, out_dir)
+    rows += deconv_rows
+    result.update({"deconv_images": len(deconv_rows), "receptive_field": field})
+    if classes:
+        class_rows = class_ascent(ctx, classes, out_dir)
+        confidence = {r["class_name"]: round(float(r["value"]), 4) for r in class_rows}
+        result.update({"classes": len(classes), "class_confidence": confidence,
+                       "min_class_confidence": min(confidence.values())})
+        rows += class_rows
+
+    index = write_index(rows, out_dir / "index.parquet")
+    result.update({"pictures": len(index), "cached": int(index["cached"].sum()),
+                   "computed": int((~index["cached"]).sum()), "index": str(out_dir / "index.parquet")})
+    return result
+
+
+def channel_ascent(ctx: Context, layer: str, chosen: list[int], out_dir: Path) -> list[dict[str, Any]]:
+    """Gradient-ascent picture of each channel (one batch), their grid and index rows."""
+    names = [{"layer": layer, "channel": c} for c in chosen]
+    arts = render_cached(ctx, "ascent", names, [channel(layer, c) for c in chosen])
+    path = out_dir / f"ascent__{safe_name(layer)}.png"
+    save_png(grid([load_png(a.overlay_path) for a in arts], nrow=min(len(arts), 8)), path)
+    return [{"kind": "ascent", "layer": layer, "channel": c, "value": a.meta["objective_value"],
+             "png": str(a.overlay_path), "grid": str(path), "key": a.key, "cached": a.cached}
+            for c, a in zip(chosen, arts)]
+
+
+def channel_deconv(ctx: Context, layer: str, hw: tuple[int, int], chosen: list[int], stats: LayerStats,
+                   store: Any, mode: str, out_dir: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
+    """Deconvnet projections of each channel's top images beside their patches: one grid per
+    channel, index rows, and the receptive field used (None when everything was cached)."""
+    cfg = ctx.cfg.visualize
+    model = ctx.model
+    params = {"layer": layer, "mode": mode, "scale_by_activation": bool(cfg.deconv.scale_by_activation),
+              "patch_min_size": int(cfg.deconv.patch_min_size)}
+    per_channel: dict[int, list[DeconvJob]] = {}
+    for c in chosen:
+        top = top_images(stats, store, layer, c, int(cfg.top), hw)
+        per_channel[c] = [DeconvJob(c, r, str(t.image_id), str(t.path),
+                                    artifact_key("deconv", DECONV_VERSION, {**params, "channel": c}, model.key,
+                                                 str(t.image_id)))
+                          for r, t in enumerate(top.itertuples(index=False))]
+    missing = [j for jobs in per_channel.values() for j in jobs if read_artifact(ctx.cache, "deconv", j.key) is None]
+    field = None
+    if missing:
+        field = receptive_field(model.module, layer, model.input_shape)
+        log.info("visualize: %d deconvnet projection(s) to compute (%s, receptive field %dx%d)",
+                 len(missing), mode, *field)
+        compute_deconv(ctx, layer, hw, missing, mode, field, params)
+    fresh = {j.key for j in missing}
+    rows: list[dict[str, Any]] = []
+    for c, jobs in per_channel.items():
+        if not jobs:
+            continue
+        folders = [ctx.cache.path(artifact_kind("deconv"), j.key, fanout=True) for j in jobs]
+        side = math.ceil(math.sqrt(len(jobs)))
+        pair = side_by_side(grid([load_png(f / OVERLAY_FILE) for f in folders], side),
+                            grid([load_png(f / PATCH_FILE) for f in folders], side))
+        path = out_dir / f"deconv__{safe_name(layer)}__c{c}.png"
+        save_png(pair, path)
+        for j, f in zip(jobs, folders):
+            meta = json.loads((f / META_FILE).read_text())
+            field = field or meta["field"]
+            rows.append({"kind": "deconv", "layer": layer, "channel": c, "image_id": j.image_id, "rank": j.rank,
+                         "value": meta["value"], "png": str(f / OVERLAY_FILE), "patch_png": str(f / PATCH_FILE),
+                         "grid": str(path), "key": j.key, "cached": j.key not in fresh})
+    return rows, list(field) if field else None
+
+
+def class_ascent(ctx: Context, classes: list[int], out_dir: Path) -> list[dict[str, Any]]:
+    """Gradient-ascent picture of each class (one batch) with the model's confidence in it."""
+    names = ctx.model.class_names
+    arts = render_cached(ctx, "class_ascent", [{"class_index": k, "class_name": names[k]} for k in classes],
+                         [class_objective(k) for k in classes])
+    path = out_dir / "classes.png"
+    save_png(grid([load_png(a.overlay_path) for a in arts], nrow=min(len(arts), 10)), path)
+    return [{"kind": "class", "class_index": k, "class_name": names[k], "value": a.meta["confidence"],
+             "predicted": a.meta["predicted"], "png": str(a.overlay_path), "grid": str(path), "key": a.key,
+             "cached": a.cached} for k, a in zip(classes, arts)]
+
+
+INDEX_COLUMNS = {"kind": "string", "layer": "string", "channel": "Int64", "class_index": "Int64",
+                 "class_name": "string", "image_id": "string", "rank": "Int64", "value": "float64",
+                 "predicted": "Int64", "png": "string", "patch_png": "string", "grid": "string",
+                 "key": "string", "cached": "bool"}
+
+
+def write_index(rows: list[dict[str, Any]], path: Path) -> pd.DataFrame:
+    """The run's table of pictures: kind (ascent/deconv/class), layer, channel or class, image_id,
+    rank, value (channel activation, unit activation, or class confidence), png paths, cache key."""
+    df = pd.DataFrame(rows, columns=list(INDEX_COLUMNS))
+    df = df.astype(INDEX_COLUMNS)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return df

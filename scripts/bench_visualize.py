@@ -1,0 +1,120 @@
+"""Benchmark for stage=visualize: truncated vs full-network gradient ascent, and deconvnet throughput.
+
+* Ascent: ``render`` for one channel of a middle block of EfficientNet-Lite0 (224x224, Lucid's
+  standard transforms, Fourier parameterisation), once with the channel objective alone (the forward
+  stops at the block: ``truncated_forward``) and once with ``channel + 0 * class_logit(0)``, which
+  gives the same picture but makes every step run (and backpropagate through) the full network.
+  Same process, same settings, alternating order per repeat; the best of the repeats is reported.
+* Deconvnet: projections per second on batches of images, for digits_cnn (explicit and hooked)
+  and EfficientNet-Lite0 (hooked; it has BatchNorm and residual blocks).
+
+Writes ``outputs/bench/visualize.json`` with ``ascent_truncated_s``, ``ascent_full_s``,
+``ascent_speedup`` and ``deconv_images_per_s`` (EfficientNet-Lite0, hooked), plus details and the
+machine load (the 2 cores are shared: compare ratios, not absolute times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.methods.ascent import channel, class_logit, render
+from pipeline.methods.deconvnet import deconvnet, deconvnet_explicit
+from pipeline.models.digits import DigitsCNN
+from pipeline.models.efficientnet_lite import INPUT_SIZE, MEAN, STD, load_efficientnet_lite0
+
+OUT = Path(__file__).resolve().parents[1] / "outputs" / "bench" / "visualize.json"
+
+
+def time_render(model: torch.nn.Module, objective, steps: int) -> tuple[float, torch.Tensor]:
+    """Seconds for one ``render`` of ``steps`` steps, and the picture."""
+    start = time.perf_counter()
+    img = render(model, [objective], (3, INPUT_SIZE, INPUT_SIZE), steps=steps, mean=MEAN, std=STD, seed=0)
+    return time.perf_counter() - start, img
+
+
+def time_deconv(fn, model: torch.nn.Module, x: torch.Tensor, layer: str, channel_: int, repeats: int) -> float:
+    """Projections per second: best of ``repeats`` passes over the batch ``x``."""
+    fn(model, x[:1], layer, channel_)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(model, x, layer, channel_)
+        best = min(best, time.perf_counter() - start)
+    return x.shape[0] / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=256, help="ascent steps per render")
+    parser.add_argument("--repeats", type=int, default=1, help="renders per variant (best is reported)")
+    parser.add_argument("--layer", default="blocks.6", help="EfficientNet-Lite0 block to visualise")
+    parser.add_argument("--channel", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+
+    eff = load_efficientnet_lite0().eval()
+    truncated = channel(args.layer, args.channel)
+    full = truncated + 0 * class_logit(0)
+    times: dict[str, list[float]] = {"truncated": [], "full": []}
+    pictures: dict[str, torch.Tensor] = {}
+    for r in range(args.repeats):
+        order = [("truncated", truncated), ("full", full)]
+        for name, obj in order if r % 2 == 0 else order[::-1]:
+            seconds, pictures[name] = time_render(eff, obj, args.steps)
+            times[name].append(seconds)
+            print(f"ascent {name}: {seconds:.2f} s for {args.steps} steps")
+    t_trunc, t_full = min(times["truncated"]), min(times["full"])
+    same_picture = float((pictures["truncated"] - pictures["full"]).abs().max())
+
+    gen = torch.Generator().manual_seed(0)
+    digits = DigitsCNN().eval()
+    xd = torch.randn(64, 1, 64, 64, generator=gen)
+    xe = torch.randn(16, 3, INPUT_SIZE, INPUT_SIZE, generator=gen)
+    deconv = {
+        "digits_cnn_explicit_features.relu4": time_deconv(deconvnet_explicit, digits, xd, "features.relu4", 5, 5),
+        "digits_cnn_hooked_features.relu4": time_deconv(deconvnet, digits, xd, "features.relu4", 5, 5),
+        f"efficientnet_lite0_hooked_{args.layer}": time_deconv(deconvnet, eff, xe, args.layer, args.channel, 3),
+        "efficientnet_lite0_hooked_head": time_deconv(deconvnet, eff, xe, "head", args.channel, 3),
+    }
+    for k, v in deconv.items():
+        print(f"deconv {k}: {v:.1f} images/s")
+
+    result = {
+        "ascent_truncated_s": round(t_trunc, 3),
+        "ascent_full_s": round(t_full, 3),
+        "ascent_speedup": round(t_full / t_trunc, 2),
+        "deconv_images_per_s": round(deconv[f"efficientnet_lite0_hooked_{args.layer}"], 2),
+        "details": {
+            "ascent": {"model": "efficientnet_lite0", "layer": args.layer, "channel": args.channel,
+                       "steps": args.steps, "image": [3, INPUT_SIZE, INPUT_SIZE], "param": "fourier",
+                       "transforms": "standard", "repeats": args.repeats, "all_seconds": times,
+                       "full_objective": "channel + 0 * class_logit(0) (same picture, full forward/backward)",
+                       "max_abs_picture_difference": same_picture},
+            "deconv_images_per_s": {k: round(v, 2) for k, v in deconv.items()},
+            "deconv_batches": {"digits_cnn": list(xd.shape), "efficientnet_lite0": list(xe.shape)},
+        },
+        "threads": args.threads,
+        "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("ascent_truncated_s", "ascent_full_s", "ascent_speedup",
+                                             "deconv_images_per_s")}))
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
