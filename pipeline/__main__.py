@@ -8,6 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from pipeline.audit import AuditFailed
 from pipeline.errors import PipelineError
 from pipeline.stages import run_stages
 
@@ -32,9 +33,13 @@ def print_summary(summary: dict) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    """Run the configured stages; a user error prints one line and exits with status 2."""
+    """Run the configured stages; a failed audit exits with status 1, a user error with status 2,
+    each with one line on stderr."""
     try:
         summary = run_stages(cfg)
+    except AuditFailed as e:
+        print(e, file=sys.stderr)
+        sys.exit(1)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

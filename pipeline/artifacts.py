@@ -25,6 +25,7 @@ from pipeline.cache import Cache, atomic_write_json, make_key
 MAP_FILE = "map.npy"
 OVERLAY_FILE = "overlay.png"
 META_FILE = "meta.json"
+DISPLAY_VERSION = 1  # bump when the overlay's scaling changes
 
 Box = Sequence[float]  # (x0, y0, x1, y1) in pixels, x1 and y1 exclusive
 
@@ -34,10 +35,21 @@ def artifact_kind(method: str) -> str:
     return f"artifacts/{method}"
 
 
-def artifact_key(method: str, version: int, params: dict[str, Any], model_key: str, image_id: str) -> str:
-    """Content key of one map: what is computed, its result-changing parameters and its inputs."""
-    return make_key(kind="artifact", method=method, version=version, params=params, model=model_key,
-                    image=image_id)
+def artifact_key(method: str, version: int, params: dict[str, Any], model_key: str, image_id: str,
+                 display: dict[str, Any] | None = None) -> str:
+    """Content key of one artifact: what is computed, its result-changing parameters, its inputs and
+    the overlay's ``display`` settings. Without ``display`` it names the map alone (for results
+    derived from the map, such as its scores, which a new colormap must not invalidate)."""
+    parts: dict[str, Any] = dict(kind="artifact", method=method, version=version, params=params, model=model_key,
+                                 image=image_id)
+    if display is not None:
+        parts["display"] = display
+    return make_key(**parts)
+
+
+def display_settings(cmap: str, alpha: float) -> dict[str, Any]:
+    """The overlay settings that go into an artifact's key (with the display scaling's version)."""
+    return {"cmap": cmap, "alpha": float(alpha), "version": DISPLAY_VERSION}
 
 
 @dataclass
@@ -116,12 +128,20 @@ def display_image(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
     return np.round(arr * 255).astype(np.uint8)
 
 
-def display_values(raw_map: np.ndarray) -> np.ndarray:
-    """A map scaled for display: negative values clipped to 0, then divided by the max (all zeros
-    when nothing is positive). Evidence for the target shows; evidence against is not drawn."""
+def display_values(raw_map: np.ndarray, percentile: float = 99.5) -> np.ndarray:
+    """A map scaled to [0, 1] for display: negative values clipped to 0 (evidence for the target
+    shows, evidence against is not drawn), then stretched from the map's minimum to its
+    ``percentile`` (so a few extreme pixels, as in gradient saliency, do not leave the rest
+    invisible), or to its max when that is no higher. All zeros for a constant map."""
     v = np.clip(np.nan_to_num(np.asarray(raw_map, dtype=np.float32)), 0, None)
-    top = float(v.max()) if v.size else 0.0
-    return v / top if top > 0 else np.zeros_like(v)
+    if not v.size:
+        return v
+    lo, top = float(v.min()), float(np.percentile(v, percentile))
+    if top <= lo:
+        top = float(v.max())
+    if top <= lo:
+        return np.zeros_like(v)
+    return np.clip((v - lo) / (top - lo), 0, 1)
 
 
 def _resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -75,6 +75,7 @@ def test_explain_writes_artifacts_panels_table_and_metrics(cfg) -> None:
         assert 0 <= m["deletion_auc"] <= 1 and 0 <= m["insertion_auc"] <= 1
 
 
+@pytest.mark.slow
 def test_rerun_hits_and_one_changed_parameter_recomputes_one_method(cfg) -> None:
     _explain(cfg)
     result, cache = _explain(cfg)
@@ -89,6 +90,25 @@ def test_rerun_hits_and_one_changed_parameter_recomputes_one_method(cfg) -> None
     result, _ = _explain(cfg, ["explain.occlusion.window=8", "explain.occlusion.stride=8",
                                "explain.occlusion.engine=plain"])
     assert result["artifacts_computed"] == 0
+    # another colormap redraws every overlay, but the scores of the unchanged maps are kept
+    result, cache = _explain(cfg, ["explain.overlay.cmap=viridis"])
+    assert result["artifacts_computed"] == 40
+    assert all(v["misses"] == 0 for k, v in cache.items() if k.startswith("metrics/"))
+
+
+def test_smoothgrad_segmentation_and_the_label_as_target(cfg) -> None:
+    result, cache = _explain(cfg, ["explain.methods=[smoothgrad,segmentation]", "explain.smoothgrad.samples=2",
+                                   "explain.target=label", "explain.select.misclassified=2",
+                                   "explain.select.random=0"])
+    table = pd.read_parquet(result["table"])
+    maps = table[table["key"].notna()]
+    assert sorted(maps["method"].unique()) == ["segmentation", "smoothgrad"]
+    assert (maps["target"] == maps["label"]).all() and (maps["target"] != maps["prediction"]).all()
+    assert cache["artifacts/saliency"]["misses"] == 2  # the mask is seeded by the (cached) saliency map
+    mask = np.load(maps.loc[maps["method"] == "segmentation", "map_path"].iloc[0])
+    assert set(np.unique(mask)) <= {0.0, 1.0} and mask.any()
+    seg = maps[maps["method"] == "segmentation"]
+    assert seg["box_iou"].notna().all() and seg["pointing_hit"].isna().all()  # a mask has a box, not a peak
 
 
 def _select(cfg, overrides: list[str]) -> list:
@@ -100,7 +120,9 @@ def test_selection_by_ids_paths_class_misclassified_and_random(cfg) -> None:
     ctx = Context(cfg())
     recs = ctx.dataset.records
     test = recs[recs["split"] == "test"]
-    a, b, c = test.iloc[0], test.iloc[1], test.iloc[2]
+    names = recs["path"].map(lambda p: Path(p).name)
+    a = test[names[test.index].map(names.value_counts()) == 1].iloc[0]  # a file name found once
+    b, c = test[test["image_id"] != a.image_id].iloc[0], test[test["image_id"] != a.image_id].iloc[1]
     items = _select(cfg, [f"explain.select.ids=[{a.image_id},{b.image_id[:10]}]",
                           f"explain.select.paths=[{c.path},{Path(a.path).name}]"])
     assert [it.image_id for it in items] == [a.image_id, b.image_id, c.image_id]  # deduplicated, no extras
@@ -120,6 +142,7 @@ def test_selection_by_ids_paths_class_misclassified_and_random(cfg) -> None:
                              "explain.select.misclassified=0", "explain.select.limit=3"])) == 3
 
 
+@pytest.mark.slow
 def test_selection_by_store_query(cfg) -> None:
     with pytest.raises(PipelineError, match="stage=extract"):
         _select(cfg, ["explain.select.query.layer=features.relu4", "explain.select.query.channel=5"])
@@ -135,12 +158,16 @@ def test_selection_by_store_query(cfg) -> None:
 def test_images_not_found_lists_what_was_asked(cfg) -> None:
     with pytest.raises(PipelineError, match=r"images not found: id deadbeefdeadbeef.*path /no/such/file.png"):
         _select(cfg, ["explain.select.ids=[deadbeefdeadbeef]", "explain.select.paths=[/no/such/file.png]"])
+    names = Context(cfg()).dataset.records["path"].map(lambda p: Path(p).name)
+    twice = names[names.duplicated()].iloc[0]  # indexes restart per split, so train and test share names
+    with pytest.raises(PipelineError, match=rf"path {twice} \(the name matches 2 images; give the full path\)"):
+        _select(cfg, [f"explain.select.paths=[{twice}]"])
 
 
 def test_unlabelled_photos_and_a_file_outside_the_dataset(cfg, tmp_path: Path) -> None:
     outside = tmp_path / "outside.png"
     Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(outside)
-    result, _ = _explain(cfg, ["data=photos", "explain.methods=[saliency,gradcam]",
+    result, _ = _explain(cfg, ["data=photos", "data.names=[chelsea,coffee]", "explain.methods=[saliency,gradcam]",
                                f"explain.select.paths=[chelsea,{outside}]"])
     table = pd.read_parquet(result["table"])
     assert result["images"] == 2 and len(table) == 4 and table["label"].isna().all()
@@ -148,6 +175,7 @@ def test_unlabelled_photos_and_a_file_outside_the_dataset(cfg, tmp_path: Path) -
     assert {Path(p).name for p in table["path"]} == {"chelsea.png", "outside.png"}
 
 
+@pytest.mark.slow
 def test_cam_conversion_on_a_flatten_fc_model(cfg, tmp_path: Path) -> None:
     over = ["model=digits_cnn_fc", "explain.methods=[cam]", "explain.select.random=2",
             "explain.select.misclassified=0", "explain.cam.fit.epochs=20"]
@@ -167,6 +195,7 @@ def test_cam_conversion_on_a_flatten_fc_model(cfg, tmp_path: Path) -> None:
         _explain(cfg, over + ["explain.cam.convert=never"])
 
 
+@pytest.mark.slow
 def test_cam_conversion_reads_pooled_features_from_the_store(cfg) -> None:
     run_stages(cfg(["stage=extract", "model=digits_cnn_fc", "extract.layers=[features.relu4]"]))
     result, _ = _explain(cfg, ["model=digits_cnn_fc", "explain.methods=[cam]", "explain.select.random=1",
@@ -182,6 +211,7 @@ def test_cam_conversion_reads_pooled_features_from_the_store(cfg) -> None:
     (["explain.cam.layer=features.conv3", "explain.cam.convert=never"], "not the layer the model's GAP head reads"),
     (["explain.methods=[saliency,lime]"], "unknown explain method 'lime'"),
     (["explain.occlusion.engine=fast"], "engine=fast is not valid"),
+    (["explain.overlay.cmap=jett"], "not a matplotlib colormap. Did you mean: jet"),
 ])
 def test_clear_errors(cfg, overrides: list[str], match: str) -> None:
     with pytest.raises(PipelineError, match=match):
@@ -207,8 +237,8 @@ def test_artifact_round_trip_overlay_and_panel(tmp_path: Path) -> None:
     assert display_values(raw)[0, 0] == 0
     ov = np.asarray(overlay(image, raw, "jet", 0.5))
     assert (ov[0, 1] == 100).all() and not (ov[2, 3] == 100).all()  # colour only where the map is positive
-    pic = panel([Tile("input", Image.fromarray(image)), Tile("saliency", Image.fromarray(ov), [("white", (1, 1, 4, 4))])],
-                "header", tile_size=64)
+    tiles = [Tile("input", Image.fromarray(image)), Tile("saliency", Image.fromarray(ov), [("white", (1, 1, 4, 4))])]
+    pic = panel(tiles, "header", tile_size=64)
     assert pic.width == 6 + 2 * (64 + 6) and pic.height > 48
 
 

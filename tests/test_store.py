@@ -189,10 +189,15 @@ def test_chunk_topk_and_merge_are_exact_with_ties():
         want = brute_topk(values[:, c], rows, 10)
         assert whole.rows[c].tolist() == want.tolist()
         assert merged.rows[c].tolist() == want.tolist()
+    first = tk.chunk_topk(values[:120], rows[:120], argmax[:120], 10)
+    rest = tk.chunk_topk(values[120:], rows[120:], argmax[120:], 10, tk.floor_of(first, 10))
+    assert tk.merge([first, rest], 10).rows.tolist() == whole.rows.tolist()
     dropped = np.sort(whole.rows[0, :3])
-    top, lost = tk.drop_rows(whole, dropped)
-    assert lost[0] and not lost[4] or np.isin(dropped, whole.rows[4]).any()
-    assert not np.isin(top.rows, dropped).any()
+    top, lost = tk.drop_rows(whole, dropped, 10)
+    assert lost.tolist() == [np.isin(dropped, whole.rows[c]).any() for c in range(5)]
+    assert not np.isin(top.rows, dropped).any() and lost[0]
+    small = tk.chunk_topk(values[:6], rows[:6], argmax[:6], 10)       # holds every row: stays exact
+    assert not tk.drop_rows(small, np.sort(rows[:2]), 10)[1].any()
 
 
 def test_incremental_add_change_remove(tmp_path):
@@ -282,13 +287,22 @@ def _run_writer(root, recs_path, *args, env=None, wait=True):
     return proc
 
 
+BASE, UPDATE = make_records(range(30)), make_records(range(6, 45), version={12: 1})
+
+
+@pytest.fixture(scope="module")
+def update_reference(tmp_path_factory) -> dict:
+    """Snapshot of an uninterrupted run: BASE, then the scheduled re-run with UPDATE."""
+    root = tmp_path_factory.mktemp("reference")
+    build(root, BASE, part_size=5)
+    build(root, UPDATE, part_size=5)
+    return snapshot(root)
+
+
 @pytest.mark.parametrize("crash", ["part_written:3", "journal_written:2", "finalize_staged:1",
                                    "finalize_committed:1", "finalize_applying:1"])
-def test_kill_and_resume_equals_uninterrupted(tmp_path, crash):
-    base, update = make_records(range(30)), make_records(range(6, 45), version={12: 1})
-    reference = tmp_path / "reference"
-    build(reference, base, part_size=5)
-    build(reference, update, part_size=5)
+def test_kill_and_resume_equals_uninterrupted(tmp_path, crash, update_reference):
+    base, update = BASE, UPDATE
     root = tmp_path / "crashed"
     build(root, base, part_size=5)
     update.to_parquet(tmp_path / "update.parquet")
@@ -296,7 +310,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, crash):
                             env={CRASH_ENV: crash})
     assert code == -signal.SIGKILL, err
     build(root, update, part_size=5)                      # the scheduled re-run
-    assert_same(snapshot(root), snapshot(reference))
+    assert_same(snapshot(root), update_reference)
     assert not (root / ".work").exists()
     for layer in LAYERS:
         names = {p.name for p in (root / layer_dirname(layer)).iterdir()}
@@ -346,6 +360,23 @@ def test_two_concurrent_shards_equal_single_run(tmp_path):
     assert_same(snapshot(sharded), snapshot(single))
 
 
+def test_rejected_write_part_leaves_no_trace(tmp_path):
+    recs = make_records(range(24))
+    store = ActivationStore.open(tmp_path, MODEL, create=True, top_k=K)
+    plan = store.plan(recs, list(LAYERS))
+    for i, chunk in enumerate(plan.chunks(8)):
+        acts = fake_layers(chunk["image_id"])
+        if i == 1:
+            bad = {**acts, "fc": {**acts["fc"], "mean": np.full_like(acts["fc"]["mean"], np.nan)}}
+            with pytest.raises(PipelineError, match="NaN"):
+                store.write_part(0, chunk, bad, fake_predictions(chunk))
+            with pytest.raises(PipelineError, match="predictions must be"):
+                store.write_part(0, chunk, acts, {**fake_predictions(chunk), "true_score": np.zeros(3)})
+        store.write_part(0, chunk, acts, fake_predictions(chunk))
+    store.finalize(recs)
+    assert_same(snapshot(tmp_path), snapshot(_fresh(tmp_path / "ref", recs, part_size=8)))
+
+
 def test_finalize_refuses_a_missing_shard_or_layer(tmp_path):
     recs = make_records(range(20))
     extract(tmp_path, recs, shard=0, num_shards=2)
@@ -379,6 +410,10 @@ def test_readable_by_duckdb_pandas_polars(tmp_path, dtype):
     for frame in (pl.read_parquet(layer), pl.read_parquet(f"{layer}/*.parquet")):
         frame = frame.sort("row_id")
         np.testing.assert_array_equal(frame["mean_5"].to_numpy(), want["mean_5"].to_numpy())
+    store = ActivationStore.open(root, MODEL)
+    for ch in range(6):
+        want_rows = brute_topk(want[f"max_{ch}"].to_numpy(np.float32), want["row_id"].to_numpy(), 5)
+        assert store.topk("features.conv1", ch, k=5)["row_id"].tolist() == want_rows.tolist()
     images = root / "images.parquet"
     n_dd = duckdb.sql(f"select count(*), count(distinct image_id) from read_parquet('{images}')").fetchall()[0]
     assert n_dd == (30, 30)
@@ -482,7 +517,8 @@ def test_errors_name_the_problem_and_the_fix(tmp_path):
     store = build(tmp_path, recs)
     with pytest.raises(PipelineError, match="built with another model"):
         ActivationStore.open(tmp_path, "model-key-b")
-    with pytest.raises(PipelineError, match=r"unknown layer .fc2.; the store has: fc, features.conv1. Did you mean: fc"):
+    with pytest.raises(PipelineError, match=r"unknown layer .fc2.; the store has: fc, features.conv1. "
+                                            r"Did you mean: fc"):
         store.topk("fc2", 0)
     with pytest.raises(PipelineError, match=r"channel 6 is out of range.*6 channels: use 0..5"):
         store.topk("features.conv1", 6)

@@ -1,5 +1,6 @@
-"""Incremental (exact) and approximate occlusion, after Krypton (Nakandala, Kumar, Papakonstantinou,
-"Incremental and Approximate Inference for Faster Occlusion-based Deep CNN Explanations", SIGMOD 2019).
+"""Incremental (exact) and approximate occlusion, after Krypton (Nakandala, Kumar,
+Papakonstantinou, "Incremental and Approximate Inference for Faster Occlusion-based Deep CNN
+Explanations", SIGMOD 2019).
 
 An occlusion patch changes only a small box of the input, and each local layer (convolution,
 pooling, element-wise op) changes only the box that its kernel can reach from the changed box of its
@@ -15,8 +16,8 @@ them runs normally on the batch; an unknown layer is logged, and the result stay
 Boxes are tracked per position; the recomputed box of a batch has one common size (the largest
 changed box, shifted inside the tensor at the edges), so every layer is one batched call.
 
-Approximations (``ApproximateEngine``): Krypton's projective-field threshold ``tau`` caps the changed
-box at ``ceil(tau * size)`` per axis (centred; values outside are taken from the cache), and
+Approximations (``ApproximateEngine``): Krypton's projective-field threshold ``tau`` caps the
+changed box at ``ceil(tau * size)`` per axis (centred; values outside are taken from the cache), and
 adaptive drill-down evaluates a coarse grid (every ``coarse_factor``-th position), interpolates it,
 and evaluates exactly only the ``top_r`` fraction of positions with the largest interpolated
 score drop.
@@ -241,7 +242,7 @@ class _Rule:
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
     reason: str = ""
     dense_macs: int = 0  # multiply-adds of the node computed in full for one image
-    inplace: nn.Module | None = None  # an in-place copy of an activation that may overwrite
+    inplace: nn.Module | None = None  # in-place activation copy, may overwrite its input patch
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -604,7 +605,7 @@ class IncrementalEngine:
             if not isinstance(value, torch.Tensor):
                 continue
             source = inputs.get(id(value))
-            dependent = source is not None and self.rules.get(source, _Rule("const")).kind != "const"
+            dependent = source is not None and self.rules[source].kind != "const"
             if dependent and value.shape != out_shape:
                 return False
             if not dependent and value.dim() == 4 and value.shape[2:] not in (out_shape[2:],
@@ -670,7 +671,8 @@ class IncrementalEngine:
 
     @torch.no_grad()
     def __call__(self, boxes: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-        """Logits (b, K) of the image occluded by ``fill`` at ``boxes`` (b, 4) = (y0, x0, y1, x1)."""
+        """Logits (b, K) of the image occluded by ``fill`` at ``boxes`` (b, 4): (y0, x0, y1, x1)
+        rows of half-open pixel ranges."""
         if self.graph is None:
             return self._plain(boxes, fill)
         modules = self._modules

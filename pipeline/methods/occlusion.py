@@ -1,4 +1,5 @@
-"""Occlusion sensitivity: slide a patch over the image, replace it by a fill, record the target's score.
+"""Occlusion sensitivity: slide a patch over the image, replace it by a fill, record the target's
+score.
 
 Patch positions mirror Captum's ``Occlusion`` exactly (first window at 0, ``ceil((n - w) / s) + 1``
 steps per axis, the last window clipped at the edge), and the pixel-level maps average every window
@@ -125,8 +126,8 @@ def make_fill(x: torch.Tensor, fill: str = "constant", fill_value: float = 0.0,
         return x.mean(dim=(2, 3), keepdim=True).expand_as(x).clone()
     if fill == "blur":
         if not blur_sigma > 0:
-            raise PipelineError(f"Occlusion blur_sigma must be positive, got {blur_sigma}. Fix: use "
-                                "e.g. blur_sigma=5.0.")
+            raise PipelineError(f"Occlusion blur_sigma must be positive, got {blur_sigma}. "
+                                "Fix: use e.g. blur_sigma=5.0.")
         return gaussian_blur(x, float(blur_sigma))
     raise PipelineError(f"Unknown occlusion fill '{fill}'.{suggest(fill, FILLS)} "
                         f"Fix: use one of {', '.join(FILLS)}.")
@@ -220,7 +221,8 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: int,
         index = -1
     if not 0 <= index < num_classes:
         raise PipelineError(f"Target class {target!r} is out of range for a model with "
-                            f"{num_classes} outputs. Fix: use a class index in 0..{num_classes - 1}.")
+                            f"{num_classes} outputs. Fix: use a class index in "
+                            f"0..{num_classes - 1}.")
     target = index
     fill_image = make_fill(x, fill, fill_value, blur_sigma)
     run = resolve_engine(engine, model, x, **engine_options)

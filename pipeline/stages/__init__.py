@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from pipeline.audit import AuditFailed
 from pipeline.errors import PipelineError, suggest
 from pipeline.runtime import Context
 
@@ -34,9 +35,16 @@ def run_stages(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stages in order in one context; returns the run summary."""
     names = stage_names(cfg)
     ctx = Context(cfg)
+    failure: AuditFailed | None = None
     for name in names:
         start = time.perf_counter()
-        result = importlib.import_module(f"pipeline.stages.{name}").run(ctx)
+        try:
+            result = importlib.import_module(f"pipeline.stages.{name}").run(ctx)
+        except AuditFailed as e:  # the remaining stages (the report) still run; re-raised at the end
+            failure, result = e, dict(e.result)
         result["seconds"] = round(time.perf_counter() - start, 2)
         ctx.summary["stages"][name] = result
-    return ctx.finish()
+    summary = ctx.finish()
+    if failure is not None:
+        raise failure
+    return summary

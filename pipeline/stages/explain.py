@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
@@ -29,7 +30,8 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
-from pipeline.artifacts import Artifact, Tile, artifact_key, cached_artifact, display_image, panel
+from pipeline.artifacts import (Artifact, Tile, artifact_key, cached_artifact, display_image, display_settings,
+                                panel)
 from pipeline.cache import atomic_write_json, make_key
 from pipeline.data.images import load_image, scan_file
 from pipeline.errors import PipelineError, suggest
@@ -175,7 +177,7 @@ def select_images(ctx: Context, scfg: DictConfig, preds: Predictions) -> list[It
     ids = [str(i) for i in (scfg.get("ids") or [])]
     all_ids = records["image_id"].astype(str)
     for want in ids:
-        hits = records[all_ids == want] if len(want) == 64 else records[all_ids.str.startswith(want)]
+        hits = records[all_ids.str.startswith(want)].drop_duplicates("image_id")
         if len(want) >= 8 and len(hits) == 1:
             add(_item(hits.iloc[0], "id"))
         else:
@@ -188,16 +190,16 @@ def select_images(ctx: Context, scfg: DictConfig, preds: Predictions) -> list[It
         stems = records["path"].map(lambda p: Path(p).stem)
         for want in paths:
             p = Path(want).expanduser()
-            for column, value in ((resolved, str(p.resolve())), (names, want), (stems, want)):
-                hits = records[column == value]
-                if len(hits) == 1:
-                    add(_item(hits.iloc[0], "path"))
-                    break
+            hits = records[resolved == str(p.resolve())]
+            if hits.empty and not p.is_file():
+                hits = records[(names == want) | (stems == want)]
+            if len(hits) == 1:
+                add(_item(hits.iloc[0], "path"))
+            elif hits.empty and p.is_file():
+                add(_adhoc_item(p, "path"))
             else:
-                if p.is_file():
-                    add(_adhoc_item(p, "path"))
-                else:
-                    missing.append(f"path {want}")
+                several = f" (the name matches {len(hits)} images; give the full path)" if len(hits) > 1 else ""
+                missing.append(f"path {want}{several}")
     if missing:
         hint = suggest(paths[0], records["path"].map(lambda p: Path(p).name).tolist()) if paths else ""
         raise PipelineError(f"explain.select: images not found: {'; '.join(missing)}. Asked for ids {ids} and "
@@ -247,7 +249,7 @@ def _query_items(ctx: Context, query: Any, records: pd.DataFrame) -> list[Item]:
                             "explain.select.query.layer=features.relu4 explain.select.query.channel=17.")
     store = ctx.store()
     table = store.topk(str(query.layer), int(query.channel), k=int(query.get("k", 8)), by=str(query.get("by", "max")))
-    by_id = records.set_index("image_id", drop=False)
+    by_id = records.drop_duplicates("image_id").set_index("image_id", drop=False)
     items: list[Item] = []
     for rank, row in enumerate(table.itertuples(index=False), start=1):
         reason = f"top{rank} {query.layer}:{query.channel}"
@@ -360,6 +362,10 @@ class Explainer:
         self.module = ctx.model.module
         self.cmap = str(ecfg.overlay.cmap)
         self.alpha = float(ecfg.overlay.alpha)
+        if self.cmap not in matplotlib.colormaps:
+            raise PipelineError(f"explain.overlay.cmap={self.cmap} is not a matplotlib colormap."
+                                f"{suggest(self.cmap, list(matplotlib.colormaps))}")
+        self.display = display_settings(self.cmap, self.alpha)
         self.head: GapHead | None = None
         try:
             self.head = find_gap_head(self.module, x0)
@@ -540,11 +546,13 @@ class Explainer:
     def artifact(self, method: str, item: Item, x: torch.Tensor, image: np.ndarray, target: int) -> Artifact:
         """The cached artifact of ``method`` for one image (``x``: (1,C,H,W) on the device)."""
         params = {**self.params(method), "target": target}
-        key = artifact_key(method, VERSIONS[method], params, self.ctx.model.key, item.image_id)
+        map_key = artifact_key(method, VERSIONS[method], params, self.ctx.model.key, item.image_id)
+        key = artifact_key(method, VERSIONS[method], params, self.ctx.model.key, item.image_id, self.display)
 
         def compute() -> tuple[np.ndarray, dict[str, Any], dict[str, np.ndarray]]:
             raw, extra_meta, extras = self._compute(method, item, x, image, target)
-            meta = {"version": VERSIONS[method], "params": params, "model": self.ctx.model.name,
+            meta = {"version": VERSIONS[method], "params": params, "map_key": map_key, "display": self.display,
+                    "model": self.ctx.model.name,
                     "model_key": self.ctx.model.key, "image_id": item.image_id, "path": item.path,
                     "target": target, "target_name": self.ctx.model.class_names[target], **extra_meta}
             return raw, meta, extras
@@ -686,94 +694,112 @@ def _panel_name(item: Item) -> str:
     return f"{stem}_{item.image_id[:8]}.png"
 
 
+SCORE_COLUMNS = ("pointing_hit", "box_iou", "box_hit", "deletion_auc", "insertion_auc")
+
+
 def run(ctx: Context) -> dict[str, Any]:
     """Select images, write each image x method artifact and each image's panel, score the maps."""
     ecfg = ctx.cfg.explain
     methods = _methods(ecfg)
     bundle = ctx.model
     bundle.module.eval()
-    names = bundle.class_names
     preds = Predictions(ctx, int(ecfg.batch_size))
     items = select_images(ctx, ecfg.select, preds)
     preds.forward(items)
     out_dir = ctx.run_dir / "explain"
     (out_dir / "panels").mkdir(parents=True, exist_ok=True)
-    mparams = _metric_params(ecfg.metrics)
-    pil_images = [load_image(it.path) for it in items]
-    x_all = torch.stack([bundle.transform(img) for img in pil_images])
-    targets = [resolve_target(ecfg.target, it, int(preds.probs[it.image_id].argmax()), names) for it in items]
+    pictures = [load_image(it.path) for it in items]
+    x_all = torch.stack([bundle.transform(img) for img in pictures])
+    targets = [resolve_target(ecfg.target, it, int(preds.probs[it.image_id].argmax()), bundle.class_names)
+               for it in items]
     explainer = Explainer(ctx, ecfg, methods, x_all[:1].to(ctx.device))
     rows: list[dict[str, Any]] = []
-    input_hw = tuple(x_all.shape[-2:])
     for i, it in enumerate(items):
-        x = x_all[i:i + 1].to(ctx.device)
-        image = display_image(x_all[i], bundle.mean, bundle.std)
-        probs = preds.probs[it.image_id]
-        pred, target = int(probs.argmax()), targets[i]
-        box = (input_box(it.box, pil_images[i].size, bundle.transform, input_hw)
-               if it.box is not None and bool(ecfg.metrics.enabled) else None)
-        tiles = [Tile("input", Image.fromarray(image), [("lime", box)] if box else [])]
-        panel_path = out_dir / "panels" / _panel_name(it)
-        base = {"image_id": it.image_id, "path": it.path, "split": it.split, "selected_by": it.reason,
-                "label": it.label, "label_name": names[it.label] if it.label is not None else None, "prediction": pred, "prediction_name": names[pred],
-                "score": float(probs[pred]), "target": target, "target_name": names[target],
-                "target_prob": float(probs[target]), "panel_path": str(panel_path)}
-        for method in methods:
-            art = explainer.artifact(method, it, x, image, target)
-            scores: dict[str, Any] = {}
-            if box is not None:
-                scores = score_map(ctx, method, art.key, art.map, box, x, target, mparams,
-                                   curves=method != "segmentation")
-            title = method + (" (localizer)" if method == "cam" and explainer.cam.converted else "")
-            outline = [("white", scores["pred_box"])] if "pred_box" in scores else []
-            tiles.append(Tile(title, Image.open(art.overlay_path).convert("RGB"), outline))
-            rows.append({**base, "method": method, "key": art.key, "artifact_dir": str(art.folder),
-                         "map_path": str(art.map_path), "overlay_path": str(art.overlay_path), "cached": art.cached,
-                         **{k: scores.get(k, math.nan) for k in ("pointing_hit", "box_iou", "box_hit", "deletion_auc",
-                                                                 "insertion_auc")}})
+        box = None
+        if it.box is not None and bool(ecfg.metrics.enabled):
+            box = input_box(it.box, pictures[i].size, bundle.transform, tuple(x_all.shape[-2:]))
+        rows += explain_image(ctx, explainer, it, x_all[i], preds.probs[it.image_id], targets[i], box,
+                              out_dir / "panels" / _panel_name(it))
+    return write_outputs(ctx, explainer, pd.DataFrame(rows), out_dir, len(items))
+
+
+def explain_image(ctx: Context, explainer: Explainer, item: Item, x_cpu: torch.Tensor, probs: np.ndarray,
+                  target: int, box: tuple[float, float, float, float] | None, panel_path: Path
+                  ) -> list[dict[str, Any]]:
+    """Every method's artifact (and scores, given a box) for one image, and its panel; table rows."""
+    bundle, ecfg = ctx.model, explainer.ecfg
+    names = bundle.class_names
+    mparams = _metric_params(ecfg.metrics)
+    x = x_cpu[None].to(ctx.device)
+    image = display_image(x_cpu, bundle.mean, bundle.std)
+    pred = int(probs.argmax())
+    label_name = names[item.label] if item.label is not None else None
+    base = {"image_id": item.image_id, "path": item.path, "split": item.split, "selected_by": item.reason,
+            "label": item.label, "label_name": label_name, "prediction": pred, "prediction_name": names[pred],
+            "score": float(probs[pred]), "target": target, "target_name": names[target],
+            "target_prob": float(probs[target]), "panel_path": str(panel_path)}
+    tiles = [Tile("input", Image.fromarray(image), [("lime", box)] if box else [])]
+    rows = []
+    for method in explainer.methods:
+        art = explainer.artifact(method, item, x, image, target)
+        scores: dict[str, Any] = {}
         if box is not None:
-            c = center_map(*input_hw).numpy()
-            scores = score_map(ctx, "center", make_key(kind="center", image=it.image_id, model=bundle.key,
-                                                        target=target, hw=list(input_hw)), c, box, x, target, mparams)
-            rows.append({**base, "method": "center (baseline)", "key": None, "artifact_dir": None, "map_path": None,
-                         "overlay_path": None, "cached": None,
-                         **{k: scores[k] for k in ("pointing_hit", "box_iou", "box_hit", "deletion_auc",
-                                                   "insertion_auc")}})
-        header = (f"{Path(it.path).name}   label: {base['label_name'] if it.label is not None else '-'}   "
-                  f"pred: {names[pred]} ({probs[pred]:.2f})   target: {names[target]}")
-        panel(tiles, header, int(ecfg.panel.tile_size)).save(panel_path)
-    table = pd.DataFrame(rows)
+            scores = score_map(ctx, method, art.meta["map_key"], art.map, box, x, target, mparams,
+                               curves=method != "segmentation")
+        title = method + (" (localizer)" if method == "cam" and explainer.cam.converted else "")
+        outline = [("white", scores["pred_box"])] if "pred_box" in scores else []
+        tiles.append(Tile(title, Image.open(art.overlay_path).convert("RGB"), outline))
+        rows.append({**base, "method": method, "key": art.key, "artifact_dir": str(art.folder),
+                     "map_path": str(art.map_path), "overlay_path": str(art.overlay_path), "cached": art.cached,
+                     **{k: scores.get(k, math.nan) for k in SCORE_COLUMNS}})
+    if box is not None:
+        hw = tuple(x.shape[-2:])
+        source = make_key(kind="center", image=item.image_id, model=bundle.key, target=target, hw=list(hw))
+        scores = score_map(ctx, "center", source, center_map(*hw).numpy(), box, x, target, mparams)
+        rows.append({**base, "method": "center (baseline)", "key": None, "artifact_dir": None, "map_path": None,
+                     "overlay_path": None, "cached": None, **{k: scores[k] for k in SCORE_COLUMNS}})
+    header = (f"{Path(item.path).name}   label: {label_name or '-'}   pred: {names[pred]} ({probs[pred]:.2f})"
+              f"   target: {names[target]}")
+    panel(tiles, header, int(ecfg.panel.tile_size)).save(panel_path)
+    return rows
+
+
+def write_outputs(ctx: Context, explainer: Explainer, table: pd.DataFrame, out_dir: Path, n_images: int
+                  ) -> dict[str, Any]:
+    """artifacts.parquet, metrics.json and the printed quality table; returns the stage summary."""
+    ecfg = explainer.ecfg
     table["label"] = table["label"].astype("Int64")
     table_path = out_dir / "artifacts.parquet"
     table.to_parquet(table_path, index=False)
     arts = table[table["key"].notna()]
-    result: dict[str, Any] = {"images": len(items), "methods": ",".join(methods),
-                              "artifacts_computed": int((~arts["cached"].astype(bool)).sum()),
-                              "artifacts_cached": int(arts["cached"].astype(bool).sum()),
+    cached = arts["cached"].astype(bool)
+    result: dict[str, Any] = {"images": n_images, "methods": ",".join(explainer.methods),
+                              "artifacts_computed": int((~cached).sum()), "artifacts_cached": int(cached.sum()),
                               "panels": str(out_dir / "panels"), "table": str(table_path)}
-    metrics: dict[str, Any] = {"images": len(items), "target": str(ecfg.target), "params": mparams,
-                               "methods": {}, "cam_conversion": explainer.cam.converted if explainer.cam else None}
+    conversion = explainer.cam.converted if explainer.cam is not None else None
+    metrics: dict[str, Any] = {"images": n_images, "target": str(ecfg.target), "params": _metric_params(ecfg.metrics),
+                               "methods": {}, "cam_conversion": conversion}
     if explainer.occlusion is not None:
         used = {json_meta(f).get("engine_used", "?") for f in arts[arts["method"] == "occlusion"]["artifact_dir"]}
         metrics["occlusion_engine"] = {"requested": str(ecfg.occlusion.engine), "used": sorted(used)}
-    if explainer.cam is not None and explainer.cam.converted:
-        conv = explainer.cam.converted
-        result["cam_localizer_accuracy"] = round(conv["converted_accuracy"], 4)
-        result["original_accuracy"] = round(conv["original_accuracy"], 4)
-    summary = summarize_metrics(table) if "box_iou" in table and table["box_iou"].notna().any() else None
-    if summary is not None:
+    if conversion:
+        result["cam_localizer_accuracy"] = round(conversion["converted_accuracy"], 4)
+        result["original_accuracy"] = round(conversion["original_accuracy"], 4)
+        result["cam_conversion"] = conversion
+        print(f"\nCAM localizer at {conversion['layer']}: accuracy {conversion['converted_accuracy']:.3f} "
+              f"(original model {conversion['original_accuracy']:.3f}, on {conversion['evaluated_on']} images)")
+    if table["box_iou"].notna().any():
+        summary = summarize_metrics(table)
         metrics["methods"] = {m: {k: (None if pd.isna(v) else float(v)) for k, v in r.items()}
                               for m, r in summary.iterrows()}
         metrics["targets"] = _targets(metrics["methods"])
-        print(f"\nexplanation quality on {int(summary['images'].max())} images with boxes "
-              f"(target: {ecfg.target}):")
+        print(f"\nexplanation quality on {int(summary['images'].max())} images with boxes (target: {ecfg.target}, "
+              f"box threshold {ecfg.metrics.box_threshold}):")
         print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
         result["quality"] = metrics["methods"]
     metrics_path = out_dir / "metrics.json"
     atomic_write_json(metrics_path, metrics)
     result["metrics"] = str(metrics_path)
-    if explainer.cam is not None and explainer.cam.converted:
-        result["cam_conversion"] = explainer.cam.converted
     return result
 
 

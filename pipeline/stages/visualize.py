@@ -54,6 +54,7 @@ ASCENT_VERSION = 1
 DECONV_VERSION = 1
 PATCH_FILE = "patch.png"
 DECONV_MODES = ("auto", "explicit", "hooked")
+DISPLAY_QUANTILE = 0.995
 
 
 # ------------------------------------------------------------------------------ selection ---
@@ -363,10 +364,12 @@ class DeconvJob:
 def patch_views(projection: torch.Tensor, image: torch.Tensor, box: tuple[int, int, int, int],
                 min_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The projection and the image cropped to ``box``, for display: the projection centred on grey
-    (0.5 = zero, scaled by its largest magnitude), both enlarged (nearest) to ``min_size`` pixels."""
+    (0.5 = zero) and scaled by the 99.5th percentile of its magnitude (a few peak pixels would
+    otherwise leave the rest grey), both enlarged (nearest) to ``min_size`` pixels."""
     x0, y0, x1, y1 = box
     proj = projection[:, y0:y1, x0:x1]
-    top = float(proj.abs().max())
+    top = float(torch.quantile(proj.abs().flatten().float(), DISPLAY_QUANTILE)) if proj.numel() else 0.0
+    top = top if top > 0 else float(proj.abs().max()) if proj.numel() else 0.0
     proj = proj / (2 * top) + 0.5 if top > 0 else torch.full_like(proj, 0.5)
     crop = image[:, y0:y1, x0:x1]
     factor = math.ceil(min_size / max(proj.shape[1:])) if max(proj.shape[1:]) < min_size else 1

@@ -48,10 +48,14 @@ def layer_dirname(layer: str) -> str:
     return name
 
 
-def part_name(generation: int, shard: int, num_shards: int, seq: int, tag: str = "") -> str:
-    """File name of a layer part; unique across generations, shards and compactions."""
-    suffix = f"-{tag}" if tag else ""
-    return f"part-g{generation:06d}-s{shard:03d}of{num_shards:03d}-{seq:05d}{suffix}.parquet"
+def part_name(generation: int, shard: int, num_shards: int, seq: int) -> str:
+    """File name of a part written by a shard; unique across generations and shards."""
+    return f"part-g{generation:06d}-s{shard:03d}of{num_shards:03d}-{seq:05d}.parquet"
+
+
+def compacted_name(generation: int, index: int) -> str:
+    """File name of a part rewritten without removed rows at a finalize."""
+    return f"part-g{generation:06d}-compact-{index:05d}.parquet"
 
 
 def tmp_path(path: Path) -> Path:

@@ -20,6 +20,7 @@ Writing (one generation per finalize):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -41,7 +42,8 @@ from pipeline.cache import atomic_write_json, make_key, read_manifest
 from pipeline.errors import PipelineError, suggest
 from pipeline.store import search, topk as tk
 from pipeline.store.layout import (FORMAT, IMAGES, META, STORE_MANIFEST, VALUE_STATS, VERSION, WORK,
-                                   crash_point, layer_dirname, part_name, tmp_path, write_parquet_atomic)
+                                   compacted_name, crash_point, layer_dirname, part_name, tmp_path,
+                                   write_parquet_atomic)
 from pipeline.store.tables import IMAGES_SCHEMA, PartFiles, column_names, images_table, part_table
 
 EXTRACT_HINT = "run `python -m pipeline stage=extract`"
@@ -190,9 +192,11 @@ class ActivationStore:
         return str(self.manifest["dtype"])
 
     def _reset_caches(self) -> None:
-        self._images: pd.DataFrame | None = None
-        self._image_rows: np.ndarray | None = None
-        self._lookup: dict[str, int] | None = None
+        self._committed: pa.Table | None = None
+        self._img: dict[str, pa.Array] | None = None
+        self._img_rows: np.ndarray = np.empty(0, np.int64)
+        self._img_file: PartFiles | None = None
+        self._img_groups: dict[int, pa.Table] = {}
         self._topk_cache: dict[str, dict[str, tk.TopK]] = {}
         self._parts_cache: dict[str, PartFiles] = {}
         self._layer_manifests: dict[str, dict[str, Any]] = {}
@@ -276,15 +280,18 @@ class ActivationStore:
         return out
 
     def _committed_images(self) -> pa.Table:
-        path = self.root / IMAGES
-        if self.generation == 0 or not path.exists():
-            return IMAGES_SCHEMA.empty_table()
-        return pq.read_table(path)
+        """The committed images table (read once per generation)."""
+        if self._committed is None:
+            path = self.root / IMAGES
+            self._committed = pq.read_table(path) if self.generation and path.exists() \
+                else IMAGES_SCHEMA.empty_table()
+        return self._committed
 
     def _committed_rows(self) -> np.ndarray:
         return self._committed_images().column("row_id").to_numpy() if self.generation else np.empty(0, np.int64)
 
-    def _image_versions(self, journals: list[tuple[Path, dict[str, Any]]], with_predictions: bool) -> pa.Table | pd.DataFrame:
+    def _image_versions(self, journals: list[tuple[Path, dict[str, Any]]],
+                        with_predictions: bool) -> pa.Table | pd.DataFrame:
         """Every stored version of every image: the committed table first, then journal chunks in order.
 
         Without predictions: a DataFrame (row_id, image_id, code). With: the full Arrow table.
@@ -347,61 +354,69 @@ class ActivationStore:
                                 "write the chunks that plan.chunks() yields.")
         order = np.argsort(rows, kind="stable")
         rows = rows[order]
+        checked = {layer: self._check_layer_data(w, layer, data, n) for layer, data in layers.items()}
+        images = self._images_chunk(chunk.iloc[order], predictions, order, n)
         seq = w.journal["parts"][-1]["seq"] + 1 if w.journal["parts"] else 0
         entry: dict[str, Any] = {"seq": seq, "n": n, "images": f"images-{seq:05d}.parquet", "layers": {}}
         dtype = DTYPES[self.dtype]
-        for layer, data in layers.items():
-            maxv, meanv, argmax, hw = self._check_layer_data(w, layer, data, n)
-            if layer not in w.done:
-                w.done[layer] = self._done_rows(w, layer, self._journals())
-            keep = ~np.isin(rows, w.done[layer])
+        topk = dict(w.topk)
+        done = dict(w.done)
+        shapes: dict[str, dict[str, Any]] = {}
+        for layer, (maxv, meanv, argmax, hw) in checked.items():
+            if layer not in done:
+                done[layer] = self._done_rows(w, layer, self._journals())
+            keep = ~np.isin(rows, done[layer])
             if not keep.any():
                 continue
             sel = order[keep]
-            maxs = maxv[sel].astype(dtype)
-            means = meanv[sel].astype(dtype)
-            am = argmax[sel].astype(np.int32)
+            maxs, means, am = maxv[sel].astype(dtype), meanv[sel].astype(dtype), argmax[sel].astype(np.int32)
             name = part_name(w.generation, w.shard, w.num_shards, seq)
             write_parquet_atomic(part_table(rows[keep], maxs, means, am, dtype),
                                  w.folder / layer_dirname(layer) / name)
-            running = w.topk.setdefault(layer, {})
+            running = dict(topk.get(layer, {}))
             for stat, block in (("max", maxs), ("mean", means)):
                 prev = running.get(stat)
                 floor = tk.floor_of(prev, self.top_k) if prev is not None else None
                 new = tk.chunk_topk(block.astype(np.float32), rows[keep], am, self.top_k, floor)
                 running[stat] = tk.merge([prev, new], self.top_k) if prev is not None else new
-            w.known_layers[layer] = w.journal["layers"][layer] = {"channels": int(maxv.shape[1]), "hw": list(hw)}
+            topk[layer] = running
+            shapes[layer] = {"channels": int(maxv.shape[1]), "hw": list(hw)}
             entry["layers"][layer] = {"file": f"{layer_dirname(layer)}/{name}", "n": int(keep.sum()),
                                       "rows": None if keep.all() else rows[keep].tolist()}
-            w.done[layer] = np.union1d(w.done[layer], rows[keep])
+            done[layer] = np.union1d(done[layer], rows[keep])
         crash_point("part_written")
-        self._write_images_chunk(w.folder / entry["images"], chunk.iloc[order], predictions, order, n)
+        write_parquet_atomic(images, w.folder / entry["images"])
         state = f"state-{seq:05d}.npz"
+        state_layers = sorted(topk)
         arrays: dict[str, np.ndarray] = {}
-        state_layers = sorted(w.topk)
         for i, layer in enumerate(state_layers):
             for stat in VALUE_STATS:
-                arrays.update(w.topk[layer][stat].arrays(f"L{i}_{stat}"))
+                arrays.update(topk[layer][stat].arrays(f"L{i}_{stat}"))
         tmp = tmp_path(w.folder / state)
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, w.folder / state)
-        old_state = w.journal.get("state")
-        w.journal["parts"].append(entry)
-        w.journal["state"], w.journal["state_layers"] = state, state_layers
-        atomic_write_json(w.folder / "journal.json", w.journal)
+        journal = {**w.journal, "parts": [*w.journal["parts"], entry], "layers": {**w.journal["layers"], **shapes},
+                   "state": state, "state_layers": state_layers}
+        atomic_write_json(w.folder / "journal.json", journal)
         crash_point("journal_written")
+        old_state = w.journal.get("state")
+        w.journal, w.topk, w.done = journal, topk, done
+        w.known_layers.update(shapes)
         if old_state and old_state != state:
             (w.folder / old_state).unlink(missing_ok=True)
 
     def _check_layer_data(self, w: _Writer, layer: str, data: Mapping[str, Any],
                           n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
         """Validate one layer's arrays against each other and against what the store already holds."""
+        if not isinstance(layer, str) or not layer:
+            raise PipelineError(f"layer names must be non-empty strings, got {layer!r}.")
         try:
             maxv, meanv, argmax = (np.asarray(data[k]) for k in ("max", "mean", "argmax"))
             hw = tuple(int(v) for v in data["hw"])
         except KeyError as e:
-            raise PipelineError(f"layer {layer!r}: write_part needs 'max', 'mean', 'argmax' and 'hw' (missing {e}).") from None
+            raise PipelineError(f"layer {layer!r}: write_part needs 'max', 'mean', 'argmax' and 'hw' "
+                                f"(missing {e}).") from None
         if maxv.ndim != 2 or maxv.shape[0] != n or meanv.shape != maxv.shape or argmax.shape != maxv.shape:
             raise PipelineError(f"layer {layer!r}: max, mean and argmax must all be ({n}, C) arrays, got "
                                 f"{maxv.shape}, {meanv.shape}, {argmax.shape}.")
@@ -419,19 +434,21 @@ class ActivationStore:
         return maxv, meanv, argmax, hw
 
     @staticmethod
-    def _write_images_chunk(path: Path, chunk: pd.DataFrame, predictions: Mapping[str, Any],
-                            order: np.ndarray, n: int) -> None:
+    def _images_chunk(chunk: pd.DataFrame, predictions: Mapping[str, Any], order: np.ndarray,
+                      n: int) -> pa.Table:
+        """The chunk's rows of the images table, predictions validated and put in row order."""
         try:
-            pred = np.asarray(predictions["prediction"])[order]
-            ids = np.asarray(predictions["top5_ids"])[order]
-            scores = np.asarray(predictions["top5_scores"])[order]
-            true = np.asarray(predictions["true_score"], np.float32)[order]
+            pred = np.asarray(predictions["prediction"])
+            ids = np.asarray(predictions["top5_ids"])
+            scores = np.asarray(predictions["top5_scores"])
+            true = np.asarray(predictions["true_score"], np.float32)
         except KeyError as e:
-            raise PipelineError(f"predictions need prediction, top5_ids, top5_scores and true_score (missing {e}).") from None
+            raise PipelineError("predictions need prediction, top5_ids, top5_scores and true_score "
+                                f"(missing {e}).") from None
         if pred.shape != (n,) or true.shape != (n,) or ids.ndim != 2 or ids.shape[0] != n or scores.shape != ids.shape:
             raise PipelineError(f"predictions must be prediction ({n},), top5_ids/top5_scores ({n}, m) and "
                                 f"true_score ({n},); got {pred.shape}, {ids.shape}, {scores.shape}, {true.shape}.")
-        write_parquet_atomic(images_table(chunk.reset_index(drop=True), pred, ids, scores, true), path)
+        return images_table(chunk.reset_index(drop=True), pred[order], ids[order], scores[order], true[order])
 
     # -------------------------------------------------------------------------- finalize ---
 
@@ -467,14 +484,16 @@ class ActivationStore:
             moves += lmoves
             deletes += ldeletes
             stats["layers"][layer] = lstats
-        write_parquet_atomic(images, stage / IMAGES, row_group_size=65536)
+        write_parquet_atomic(images, stage / IMAGES, row_group_size=8192)
         moves.append((stage / IMAGES, self.root / IMAGES))
         next_row = max(int(self.manifest["next_row_id"]),
                        int(pc.max(versions.column("row_id")).as_py() or 0) + 1 if versions.num_rows else 0)
         manifest = {**self.manifest, "generation": gen, "n_images": int(len(live)),
                     "next_row_id": next_row, "layers": layer_info,
                     "committed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        rel = lambda p: str(Path(p).relative_to(self.root))  # noqa: E731
+        def rel(p: Path) -> str:
+            return p.relative_to(self.root).as_posix()
+
         commit = {"generation": gen, "moves": [[rel(a), rel(b)] for a, b in moves],
                   "deletes": [rel(p) for p in deletes], "manifest": manifest,
                   "layer_dirs": [layer_dirname(l) for l in layer_info]}
@@ -524,8 +543,9 @@ class ActivationStore:
                  "removed": int((~np.isin(committed, new_rows)).sum())}
         return table, stats
 
-    def _finalize_layer(self, layer: str, gen: int, live: np.ndarray, journals: list[tuple[Path, dict[str, Any]]],
-                        stage: Path) -> tuple[dict[str, Any], list[tuple[Path, Path]], list[Path], dict[str, Any]]:
+    def _finalize_layer(self, layer: str, gen: int, live: np.ndarray,
+                        journals: list[tuple[Path, dict[str, Any]]], stage: Path
+                        ) -> tuple[dict[str, Any], list[tuple[Path, Path]], list[Path], dict[str, Any]]:
         """Stage one layer's next parts, top-K and manifest; return (info, moves, deletes, stats)."""
         ldir = layer_dirname(layer)
         dest = self.root / ldir
@@ -566,7 +586,7 @@ class ActivationStore:
             deletes.append(path)
             compacted += 1
             if keep.any():
-                name = part_name(gen, 0, 0, i, tag="compact")
+                name = compacted_name(gen, i)
                 staged = stage / ldir / name
                 write_parquet_atomic(table.filter(pa.array(keep)), staged)
                 moves.append((staged, dest / name))
@@ -595,7 +615,7 @@ class ActivationStore:
         for stat in VALUE_STATS:
             sources = []
             if committed_meta:
-                top, lost = tk.drop_rows(self._load_topk(layer)[stat], dropped_committed)
+                top, lost = tk.drop_rows(self._load_topk(layer)[stat], dropped_committed, self.top_k)
                 sources.append(top)
                 unsafe |= lost
             for folder, j in journals:
@@ -604,7 +624,7 @@ class ActivationStore:
                 with np.load(folder / j["state"]) as z:
                     top = tk.TopK.from_arrays(z, f"L{j['state_layers'].index(layer)}_{stat}")
                 drops = np.sort(np.concatenate(dropped_by_dir.get(folder, [np.empty(0, np.int64)])))
-                top, lost = tk.drop_rows(top, drops)
+                top, lost = tk.drop_rows(top, drops, self.top_k)
                 sources.append(top)
                 unsafe |= lost
             nonempty = [s for s in sources if s.values.shape[1]]
@@ -630,7 +650,8 @@ class ActivationStore:
                  "topk_recomputed_channels": int(len(recomputed))}
         return info, moves, deletes, stats
 
-    def _layer_shape(self, layer: str, journals: list[tuple[Path, dict[str, Any]]]) -> tuple[int, tuple[int, int]]:
+    def _layer_shape(self, layer: str,
+                     journals: list[tuple[Path, dict[str, Any]]]) -> tuple[int, tuple[int, int]]:
         info = self.manifest["layers"].get(layer)
         for _, j in journals:
             info = info or j["layers"].get(layer)
@@ -711,39 +732,66 @@ class ActivationStore:
 
     def images(self) -> pd.DataFrame:
         """The images table (row_id, image_id, path, label, split, prediction, top5_*, true_score)."""
-        return self._images_df().copy()
+        return self._committed_images().to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get).astype(
+            {"row_id": np.int64})
 
-    def _images_df(self) -> pd.DataFrame:
-        if self._images is None:
-            df = self._committed_images().to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
-            df["row_id"] = df["row_id"].astype(np.int64)
-            self._images = df
-            self._image_rows = df["row_id"].to_numpy()
-            self._image_cols = {c: df[c].array for c in ("image_id", "path", "label")}
-        return self._images
+    def _image_arrays(self) -> dict[str, pa.Array]:
+        """row_id, image_id, path, label of every image as single-chunk Arrow arrays (cached)."""
+        if self._img is None:
+            t = self._committed_images().select(["row_id", "image_id", "path", "label"])
+            self._img = {name: t.column(name).combine_chunks() for name in t.column_names}
+            self._img_rows = self._img["row_id"].to_numpy()
+        return self._img
+
+    def _image_info(self, rows: np.ndarray) -> dict[str, Any]:
+        """image_id, path, label of ``rows``. Until the whole table is needed, only the row groups
+        of images.parquet that hold the rows are read (their row_id statistics say which) and kept,
+        so a first query on a large store does not load every image's path."""
+        if self._img is None and self.generation:
+            table = self._images_row_groups(rows)
+        else:
+            table = None
+        if table is None:
+            cols, src_rows = self._image_arrays(), self._img_rows
+        else:
+            src_rows = table.column("row_id").to_numpy()
+            cols = {c: table.column(c) for c in ("image_id", "path", "label")}
+        take = pa.array(np.searchsorted(src_rows, rows))
+        return {"image_id": cols["image_id"].take(take).to_numpy(zero_copy_only=False),
+                "path": cols["path"].take(take).to_numpy(zero_copy_only=False),
+                "label": pd.array(cols["label"].take(take).to_pylist(), dtype="Int64")}
+
+    def _images_row_groups(self, rows: np.ndarray) -> pa.Table | None:
+        """The cached row groups holding ``rows`` (read on demand), or None once a quarter of the
+        table has been read (then the whole table is cheaper)."""
+        if self._img_file is None:
+            self._img_file = PartFiles([self.root / IMAGES])
+        ranges = self._img_file.row_group_ranges(0)
+        groups = np.unique(np.searchsorted(ranges[:, 1], rows))
+        missing = [int(g) for g in groups if int(g) not in self._img_groups]
+        if 4 * (len(self._img_groups) + len(missing)) > len(ranges):
+            return None
+        f = self._img_file.file(0)
+        for g in missing:
+            self._img_groups[g] = f.read_row_group(g, columns=["row_id", "image_id", "path", "label"])
+        return pa.concat_tables([self._img_groups[int(g)] for g in groups]).combine_chunks()
 
     def _frame(self, rows: np.ndarray, **columns: Any) -> pd.DataFrame:
         """A result table: row_id, image_id, path, label, then ``columns``."""
-        self._images_df()
-        pos = np.searchsorted(self._image_rows, rows)
-        data = {"row_id": rows}
-        data.update({c: a.take(pos) for c, a in self._image_cols.items()})
-        data.update(columns)
-        return pd.DataFrame(data)
+        rows = np.asarray(rows, np.int64)
+        return pd.DataFrame({"row_id": rows, **self._image_info(rows), **columns})
 
     def _row_of(self, image: str) -> int:
         """The row_id of an image given by image id or path."""
-        df = self._images_df()
-        if self._lookup is None:
-            lookup = dict(zip(df["path"].tolist(), df["row_id"].tolist()))
-            lookup.update(zip(df["image_id"].tolist(), df["row_id"].tolist()))
-            self._lookup = lookup
-        row = self._lookup.get(str(image))
-        if row is None:
-            hint = suggest(str(image), df["path"].tolist()) if len(df) <= 10000 else ""
-            raise PipelineError(f"unknown image {image!r}: it is neither an image id nor a path in the store "
-                                f"({len(df)} images).{hint}")
-        return int(row)
+        arrays = self._image_arrays()
+        for name in ("image_id", "path"):
+            at = pc.index(arrays[name], str(image)).as_py()
+            if at >= 0:
+                return int(self._img_rows[at])
+        n = len(self._img_rows)
+        hint = suggest(str(image), arrays["path"].to_pylist()) if n <= 10000 else ""
+        raise PipelineError(f"unknown image {image!r}: it is neither an image id nor a path in the store "
+                            f"({n} images).{hint}")
 
     def _layer_manifest(self, layer: str) -> dict[str, Any]:
         m = self._layer_manifests.get(layer)
@@ -838,10 +886,19 @@ class ActivationStore:
         else:
             self.build_index(layer, "flat", metric)
             flat = self._flat(layer, metric)
-            built = search.build_approx(folder, flat, kind, base, params)
+            built = search.build_approx(folder, flat, kind, base, params, self._sample_directions(layer))
         self._flat_cache.pop((layer, metric), None)
         self._approx_cache.pop((layer, kind, metric), None)
         return {**(read_manifest(folder) or built), "built": True}
+
+    def _sample_directions(self, layer: str, n: int = 48) -> list[np.ndarray]:
+        """Class-mean differences of random class pairs (calibration queries for approximate indexes)."""
+        labels, sums, counts = self._class_sums(layer)
+        if len(labels) < 2:
+            return []
+        rng = np.random.default_rng(2)
+        means = sums / counts[:, None]
+        return [means[a] - means[b] for a, b in rng.choice(len(labels), (n, 2)) if a != b]
 
     def _build_flat(self, layer: str, folder: Path, metric: str, base: dict[str, Any],
                     params: dict[str, Any]) -> dict[str, Any]:
@@ -959,6 +1016,7 @@ class ActivationStore:
         return out[0] - out[1]
 
     def _class_sums(self, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(labels, per-label sums of the mean vectors, counts), from one pass over the mean columns."""
         info = self._check_layer(layer)
         cached = self._class_cache.get(layer)
         if cached is not None:
@@ -970,9 +1028,9 @@ class ActivationStore:
                 if str(z["key"]) == key:
                     self._class_cache[layer] = (z["labels"], z["sums"], z["counts"])
                     return self._class_cache[layer]
-        df = self._images_df()
-        img_rows = self._image_rows
-        img_labels = _label_code(df["label"])
+        arrays = self._image_arrays()
+        img_rows = self._img_rows
+        img_labels = _label_code(arrays["label"].to_pandas())
         c = int(info["channels"])
         acc: dict[int, np.ndarray] = {}
         cnt: dict[int, int] = {}
@@ -1064,7 +1122,8 @@ def _apply_pending_commit(root: Path) -> None:
         s, d = root / src, root / dst
         if s.exists():
             d.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(s, d)
+            with contextlib.suppress(FileNotFoundError):     # another process rolled it forward first
+                os.replace(s, d)
     for rel in commit["deletes"]:
         (root / rel).unlink(missing_ok=True)
     for ldir in commit["layer_dirs"]:
@@ -1083,4 +1142,4 @@ def _sweep_layer_dir(root: Path, ldir: str) -> None:
     listed = {p["file"] for p in m["parts"]}
     for p in folder.iterdir():
         if p.is_file() and p.name not in listed:
-            p.unlink()
+            p.unlink(missing_ok=True)

@@ -8,7 +8,7 @@ parse, so readers keep ``ParquetFile`` handles open (:class:`PartFiles`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,6 @@ IMAGES_SCHEMA = pa.schema([
     ("top5_scores", pa.list_(pa.float32())),
     ("true_score", pa.float32()),
 ])
-RECORD_COLUMNS = ("image_id", "path", "label", "split")
 
 
 def column_names(stat: str, channels: int) -> list[str]:
@@ -89,10 +88,9 @@ class PartFiles:
 
     def read(self, columns: Sequence[str]) -> pa.Table:
         """The given columns of all parts, concatenated in part order."""
-        tables = [self.file(i).read(columns=list(columns)) for i in range(len(self.paths))]
-        return pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.float32()) for c in columns})
+        return pa.concat_tables([self.file(i).read(columns=list(columns)) for i in range(len(self.paths))])
 
-    def iter_read(self, columns: Sequence[str]):
+    def iter_read(self, columns: Sequence[str]) -> Iterator[pa.Table]:
         """Yield each part's columns as a table, one part at a time (bounded memory)."""
         for i in range(len(self.paths)):
             yield self.file(i).read(columns=list(columns))

@@ -9,6 +9,7 @@ padded with row -1 and value -inf, which sort last.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 
 PAD_ROW = -1
@@ -109,12 +110,13 @@ def merge(parts: list[TopK], k: int) -> TopK:
                          np.concatenate([p.argmax for p in parts], 1), k)
 
 
-def drop_rows(top: TopK, dropped: np.ndarray) -> tuple[TopK, np.ndarray]:
-    """Remove entries whose row is in ``dropped`` (sorted int64).
+def drop_rows(top: TopK, dropped: np.ndarray, k: int) -> tuple[TopK, np.ndarray]:
+    """Remove entries whose row is in ``dropped`` (sorted int64) from a top-``k`` list.
 
     Returns the padded top-K and a per-channel flag saying whether the channel lost an entry while
     its list was full, i.e. whether rows outside the list might now belong in it (the channel's
-    top-K must then be recomputed from the data).
+    top-K must then be recomputed from the data). A list with fewer than ``k`` entries held every
+    row of its source, so removing some of them leaves it exact.
     """
     if top.values.shape[1] == 0 or len(dropped) == 0:
         return top, np.zeros(top.channels, bool)
@@ -122,10 +124,11 @@ def drop_rows(top: TopK, dropped: np.ndarray) -> tuple[TopK, np.ndarray]:
     hit = (dropped[pos] == top.rows) & (top.rows != PAD_ROW)
     if not hit.any():
         return top, np.zeros(top.channels, bool)
+    full = top.valid_counts() >= k
     values = np.where(hit, -np.inf, top.values).astype(np.float32)
     rows = np.where(hit, PAD_ROW, top.rows)
     argmax = np.where(hit, 0, top.argmax).astype(np.int32)
-    return _sort_entries(values, rows, argmax, top.values.shape[1]), hit.any(axis=1)
+    return _sort_entries(values, rows, argmax, top.values.shape[1]), hit.any(axis=1) & full
 
 
 def trim(top: TopK) -> TopK:

@@ -1,0 +1,128 @@
+"""Sanity checks of explanation methods (Adebayo et al. 2018) as the report runs and judges them.
+
+:func:`check` runs the cascading model-parameter randomisation and the class check of
+:mod:`pipeline.methods.sanity` for one method on a few images and reduces them to numbers;
+:func:`verdict` applies the pass criteria:
+
+* randomisation: after every listed layer is randomised (output side first), the mean Spearman
+  rank correlation between the trained and the randomised model's maps is at most
+  ``max_final_spearman``;
+* class check: the mean Spearman between the maps for two different classes (the predicted and
+  the second most likely) is at most ``max_class_spearman`` (1 - eps).
+
+Images whose trained-model map is constant carry no ranking and are left out; a randomised or
+second-class map that is constant shares no ranking with the original and counts as Spearman 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import matplotlib
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from pipeline.methods.cam import GapHead, cam
+from pipeline.methods.gradcam import gradcam
+from pipeline.methods.occlusion import occlusion
+from pipeline.methods.saliency import saliency
+from pipeline.methods.sanity import cascading_randomization, relative_l2, spearman
+
+Method = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+MAP_METHODS = ("saliency", "smoothgrad", "gradcam", "cam", "occlusion")
+STRIP_TILE = 64
+
+
+def method_fn(name: str, settings: dict[str, Any]) -> Method:
+    """The ``(model, x, targets) -> maps (B,H,W)`` callable of a method with the explain stage's
+    settings (``layer`` for gradcam, ``head`` for cam, ``samples/noise/seed`` for smoothgrad,
+    ``window/stride/fill/fill_value/blur_sigma/batch_size`` for occlusion)."""
+    if name == "saliency":
+        return lambda m, x, t: saliency(m, x, t).map
+    if name == "smoothgrad":
+        return lambda m, x, t: saliency(m, x, t, samples=int(settings["samples"]), noise=float(settings["noise"]),
+                                        seed=int(settings["seed"])).map
+    if name == "gradcam":
+        return lambda m, x, t: gradcam(m, x, t, str(settings["layer"]))
+    if name == "cam":
+        head = GapHead(str(settings["layer"]), str(settings["fc"]))
+        return lambda m, x, t: cam(m, x, t, head=head)
+    if name == "occlusion":
+        keep = ("window", "stride", "fill", "fill_value", "blur_sigma", "batch_size")
+        opts = {k: settings[k] for k in keep if k in settings}
+
+        def occ(m: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return torch.stack([occlusion(m, x[i:i + 1], int(t[i]), engine="plain", **opts).score_drop
+                                for i in range(x.shape[0])])
+        return occ
+    raise ValueError(f"no sanity check for method {name!r}")
+
+
+def _constant(maps: torch.Tensor) -> torch.Tensor:
+    flat = maps.detach().flatten(1)
+    return (flat.amax(1) - flat.amin(1)) <= 0
+
+
+def _rho(original: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Spearman per image; 0 where ``other`` is constant (no ranking shared with the original)."""
+    r = spearman(original.float().cpu(), other.float().cpu())
+    return torch.where(_constant(other).cpu(), torch.zeros_like(r), r)
+
+
+def check(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, second: torch.Tensor, fn: Method,
+          layers: Sequence[str] | None, seed: int) -> tuple[dict[str, Any], np.ndarray]:
+    """Randomisation cascade and class check of ``fn`` on images ``x``. Returns the numbers (JSON-able)
+    and the first usable image's maps: the trained model's, then one after each step (S+1, H, W)."""
+    original, steps = cascading_randomization(model, x, targets, fn, layers, seed)
+    keep = ~_constant(original).cpu()
+    other = fn(model, x, second).detach()
+    per_step = [_rho(original, s.map)[keep] for s in steps]
+    cls = _rho(original, other)[keep]
+    l2 = relative_l2(original.cpu(), other.cpu())[keep]
+    n = int(keep.sum())
+
+    def mean(t: torch.Tensor) -> float:
+        return float(t.double().mean()) if n else math.nan
+
+    result = {"images": n, "dropped_constant": int((~keep).sum()), "layers": [s.layer for s in steps],
+              "steps": [mean(r) for r in per_step], "steps_per_image": [r.tolist() for r in per_step],
+              "class_spearman": mean(cls), "class_spearman_per_image": cls.tolist(), "class_rel_l2": mean(l2)}
+    first = int(torch.nonzero(keep)[0]) if n else 0
+    cascade = torch.stack([original[first], *[s.map[first] for s in steps]]).float().cpu().numpy()
+    return result, cascade
+
+
+def verdict(result: dict[str, Any], max_final_spearman: float, max_class_spearman: float
+            ) -> tuple[bool | None, bool | None, str]:
+    """(randomisation passed, class check passed, reason); None where a check could not run."""
+    if not result.get("images"):
+        return None, None, "every trained-model map was constant: nothing to rank"
+    final = result["steps"][-1] if result["steps"] else math.nan
+    rand_ok = None if math.isnan(final) else final <= max_final_spearman
+    cls = result["class_spearman"]
+    class_ok = None if math.isnan(cls) else cls <= max_class_spearman
+    reasons = []
+    if rand_ok is False:
+        reasons.append(f"maps barely change when the model is randomised (final Spearman {final:.2f} > "
+                       f"{max_final_spearman})")
+    if class_ok is False:
+        reasons.append(f"maps for two classes are nearly the same (Spearman {cls:.2f} > {max_class_spearman})")
+    return rand_ok, class_ok, "; ".join(reasons)
+
+
+def cascade_strip(cascade: np.ndarray, cmap: str = "viridis", tile: int = STRIP_TILE, gap: int = 2) -> Image.Image:
+    """The maps side by side, each scaled to its own min..max and coloured: how the map decays."""
+    n, h, w = cascade.shape
+    canvas = Image.new("RGB", (n * tile + (n - 1) * gap, tile), "white")
+    colours = matplotlib.colormaps[cmap]
+    for i, m in enumerate(cascade):
+        lo, hi = float(np.nanmin(m)), float(np.nanmax(m))
+        v = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+        rgb = (colours(np.nan_to_num(v))[..., :3] * 255).astype(np.uint8)
+        canvas.paste(Image.fromarray(rgb).resize((tile, tile), Image.NEAREST if h <= tile else Image.BILINEAR),
+                     (i * (tile + gap), 0))
+    return canvas
