@@ -109,6 +109,11 @@ def _shown(value: Any) -> bool:
     return not (isinstance(value, str) and os.path.isabs(value))
 
 
+def _clip(value: Any, width: int = 32) -> Any:
+    """Long strings (content keys) cut for the page; the CSV keeps them whole."""
+    return value[: width - 1] + "…" if isinstance(value, str) and len(value) > width else value
+
+
 def sweep_page(sweep_dir: Path, df: pd.DataFrame) -> str:
     """The sweep's page: counts, settings shared by every job, and the table of what differs."""
     ok = int((df["status"] == "ok").sum()) if len(df) else 0
@@ -116,7 +121,7 @@ def sweep_page(sweep_dir: Path, df: pd.DataFrame) -> str:
     if df.empty:
         parts.append(note("No job folders found in the sweep folder."))
         return page(f"Sweep {sweep_dir.name}", str(sweep_dir), [Section("jobs", "Jobs", Raw("".join(parts)))])
-    fixed_cols = ["job", "status", "overrides"]
+    fixed_cols = ["job", "status", "overrides"]  # overrides: one column per key instead
     same, varying = {}, []
     for c in df.columns:
         if c in fixed_cols:
@@ -133,13 +138,13 @@ def sweep_page(sweep_dir: Path, df: pd.DataFrame) -> str:
     for r in df.to_dict("records"):
         job = str(r["job"])
         report = f"{job}/report.html" if (sweep_dir / job / "report.html").is_file() else None
-        cells: list[Any] = [link(report, job) if report else job, r["status"], r["overrides"]]
-        cells += [None if _blank(r.get(c)) else r.get(c) for c in varying]
+        cells: list[Any] = [link(report, job) if report else job, r["status"]]
+        cells += [None if _blank(r.get(c)) else _clip(r.get(c)) for c in varying]
         rows.append(cells)
-    parts.append(Raw('<div class="scroll">') + table(["job", "status", "overrides", *varying], rows) + Raw("</div>"))
+    parts.append(Raw('<div class="scroll">') + table(["job", "status", *varying], rows) + Raw("</div>"))
     sections = [Section("jobs", "Jobs", Raw("".join(parts)))]
     if same:
-        sections.append(Section("same", "Same in every job", facts(same)))
+        sections.append(Section("same", "Same in every job", facts({k: _clip(v, 80) for k, v in same.items()})))
     sections.append(Section("csv", "Data", Raw(f'<p>Every value of every job: {link(CSV_NAME, CSV_NAME)}</p>')))
     return page(f"Sweep {sweep_dir.name}", str(sweep_dir), sections)
 

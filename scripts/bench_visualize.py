@@ -4,6 +4,8 @@
   standard transforms, Fourier parameterisation), once with the channel objective alone (the forward
   stops at the block: ``truncated_forward``) and once with ``channel + 0 * class_logit(0)``, which
   gives the same picture but makes every step run (and backpropagate through) the full network.
+  The headline is the first of ``--layers`` (blocks.4, 28x28, the end of the 40-channel stage);
+  the others (blocks.6, 14x14) are timed too and reported under ``details``.
   Same process, same settings, alternating order per repeat; the best of the repeats is reported.
 * Deconvnet: projections per second on batches of images, for digits_cnn (explicit and hooked)
   and EfficientNet-Lite0 (hooked; it has BatchNorm and residual blocks).
@@ -54,7 +56,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=256, help="ascent steps per render")
     parser.add_argument("--repeats", type=int, default=1, help="renders per variant (best is reported)")
-    parser.add_argument("--layer", default="blocks.6", help="EfficientNet-Lite0 block to visualise")
+    parser.add_argument("--layers", nargs="+", default=["blocks.4", "blocks.6"],
+                        help="EfficientNet-Lite0 blocks to visualise; the first one gives the headline ratio")
     parser.add_argument("--channel", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -62,18 +65,19 @@ def main() -> None:
     load_before = os.getloadavg()
 
     eff = load_efficientnet_lite0().eval()
-    truncated = channel(args.layer, args.channel)
-    full = truncated + 0 * class_logit(0)
-    times: dict[str, list[float]] = {"truncated": [], "full": []}
+    layer = args.layers[0]
+    full = channel(layer, args.channel) + 0 * class_logit(0)
+    variants = [(f"truncated:{name}", channel(name, args.channel)) for name in args.layers] + [("full", full)]
+    times: dict[str, list[float]] = {name: [] for name, _ in variants}
     pictures: dict[str, torch.Tensor] = {}
     for r in range(args.repeats):
-        order = [("truncated", truncated), ("full", full)]
-        for name, obj in order if r % 2 == 0 else order[::-1]:
+        for name, obj in variants if r % 2 == 0 else variants[::-1]:
             seconds, pictures[name] = time_render(eff, obj, args.steps)
             times[name].append(seconds)
-            print(f"ascent {name}: {seconds:.2f} s for {args.steps} steps")
-    t_trunc, t_full = min(times["truncated"]), min(times["full"])
-    same_picture = float((pictures["truncated"] - pictures["full"]).abs().max())
+            print(f"ascent {name}: {seconds:.2f} s for {args.steps} steps", flush=True)
+    best = {name: min(t) for name, t in times.items()}
+    t_trunc, t_full = best[f"truncated:{layer}"], best["full"]
+    same_picture = float((pictures[f"truncated:{layer}"] - pictures["full"]).abs().max())
 
     gen = torch.Generator().manual_seed(0)
     digits = DigitsCNN().eval()
@@ -82,7 +86,7 @@ def main() -> None:
     deconv = {
         "digits_cnn_explicit_features.relu4": time_deconv(deconvnet_explicit, digits, xd, "features.relu4", 5, 5),
         "digits_cnn_hooked_features.relu4": time_deconv(deconvnet, digits, xd, "features.relu4", 5, 5),
-        f"efficientnet_lite0_hooked_{args.layer}": time_deconv(deconvnet, eff, xe, args.layer, args.channel, 3),
+        f"efficientnet_lite0_hooked_{layer}": time_deconv(deconvnet, eff, xe, layer, args.channel, 3),
         "efficientnet_lite0_hooked_head": time_deconv(deconvnet, eff, xe, "head", args.channel, 3),
     }
     for k, v in deconv.items():
@@ -92,11 +96,13 @@ def main() -> None:
         "ascent_truncated_s": round(t_trunc, 3),
         "ascent_full_s": round(t_full, 3),
         "ascent_speedup": round(t_full / t_trunc, 2),
-        "deconv_images_per_s": round(deconv[f"efficientnet_lite0_hooked_{args.layer}"], 2),
+        "deconv_images_per_s": round(deconv[f"efficientnet_lite0_hooked_{layer}"], 2),
         "details": {
-            "ascent": {"model": "efficientnet_lite0", "layer": args.layer, "channel": args.channel,
+            "ascent": {"model": "efficientnet_lite0", "layer": layer, "channel": args.channel,
                        "steps": args.steps, "image": [3, INPUT_SIZE, INPUT_SIZE], "param": "fourier",
                        "transforms": "standard", "repeats": args.repeats, "all_seconds": times,
+                       "speedup_per_layer": {name.split(":", 1)[1]: round(t_full / t, 2)
+                                             for name, t in best.items() if name != "full"},
                        "full_objective": "channel + 0 * class_logit(0) (same picture, full forward/backward)",
                        "max_abs_picture_difference": same_picture},
             "deconv_images_per_s": {k: round(v, 2) for k, v in deconv.items()},

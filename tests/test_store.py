@@ -22,7 +22,7 @@ import pytest
 from pipeline.errors import PipelineError
 from pipeline.store import ActivationStore, layer_dirname
 from pipeline.store import topk as tk
-from pipeline.store.layout import CRASH_ENV
+from pipeline.store.layout import CRASH_ENV, tmp_path as tmp_path_of
 
 MODEL = "model-key-a"
 LAYERS = {"features.conv1": (6, 4, 5), "fc": (3, 1, 1)}   # name: (C, H, W)
@@ -403,10 +403,18 @@ def test_readable_by_duckdb_pandas_polars(tmp_path, dtype):
     assert all(p.name.startswith("part-") and p.suffix == ".parquet" for p in layer.iterdir())
     want = layer_frame(root, "features.conv1")
     assert len(want) == 30 and want["row_id"].is_unique
+    # DuckDB's and Polars' globs do match hidden files, so a temporary file must not end in .parquet
+    hidden = layer / ".hidden.parquet"
+    hidden.write_bytes((layer / next(p.name for p in layer.iterdir())).read_bytes())
+    assert duckdb.sql(f"select count(*) from read_parquet('{layer}/*.parquet')").fetchall()[0][0] > 30
+    hidden.unlink()
+    tmp = tmp_path_of(layer / "part-x.parquet")
+    tmp.write_bytes(b"half-written")
     sql = f"select row_id, max_3 from read_parquet('{layer}/*.parquet') order by row_id"
     duck = duckdb.sql(sql).df()
     np.testing.assert_array_equal(duck["row_id"], want["row_id"])
     np.testing.assert_array_equal(duck["max_3"].astype(np.float32), want["max_3"].astype(np.float32))
+    tmp.unlink()                                       # (a bare folder read needs one file suffix in Polars)
     for frame in (pl.read_parquet(layer), pl.read_parquet(f"{layer}/*.parquet")):
         frame = frame.sort("row_id")
         np.testing.assert_array_equal(frame["mean_5"].to_numpy(), want["mean_5"].to_numpy())

@@ -17,7 +17,9 @@ from pipeline.methods.ascent import truncated_forward
 from pipeline.models.bundle import imagenet_classes
 from pipeline.runtime import Context, images_to_tensor
 from pipeline.stages import run_stages
-from pipeline.stages.visualize import parse_channels, resolve_classes
+from pipeline.models.digits import DigitsCNN
+from pipeline.models.efficientnet_lite import EfficientNetLite
+from pipeline.stages.visualize import parse_channels, pre_activation, resolve_classes
 from tests.conftest import compose_config
 
 FAST = ["stage=visualize", "visualize.ascent.steps=4", "visualize.top=4", "visualize.n_most_active=2"]
@@ -130,6 +132,15 @@ def test_explicit_deconv_refuses_a_batchnorm_network(make_cfg, shared: Path) -> 
     with pytest.raises(PipelineError, match=r"mode=explicit cannot handle resnet18.*BatchNorm2d.*mode=hooked"):
         visualize(make_cfg, shared, "model=torchvision", "model.arch=resnet18", "visualize.layer=layer1",
                   "visualize.deconv.mode=explicit")
+
+
+def test_pre_activation_layer() -> None:
+    digits, eff = DigitsCNN(), EfficientNetLite()
+    assert pre_activation(digits, "features.relu4") == "features.conv4"
+    assert pre_activation(digits, "features") == "features.conv4"  # a Sequential ending in a ReLU
+    assert pre_activation(digits, "features.pool2") == "features.pool2"
+    assert pre_activation(eff, "head") == "head.bn"
+    assert pre_activation(eff, "blocks.4") == "blocks.4"  # residual sum, no final activation
 
 
 def test_resolve_classes() -> None:

@@ -60,7 +60,6 @@ class SanityResult:
     randomization_ok: bool | None = None
     class_ok: bool | None = None
     strip: str | None = None         # PNG: the first image's map, then the map after each step
-    cached: bool = False
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

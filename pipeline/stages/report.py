@@ -147,7 +147,6 @@ def report_channels(store: ActivationStore, layer: str, spec: Any, n: int, top_k
 def store_neurons(ctx: Context, store: ActivationStore, vis: pd.DataFrame | None, rcfg: DictConfig) -> list[StoreNeuron]:
     """Top images of each selected neuron and their receptive-field crops. The crops of a layer are
     made in one pass and cached (``cache/artifacts/report_crops/``) by model, layer, units and size."""
-    model = ctx.model
     top_k = int(rcfg.top_k)
     out: list[StoreNeuron] = []
     for layer in report_layers(ctx, store, _plain(rcfg.layers)):
@@ -264,7 +263,8 @@ def run_sanity(ctx: Context, source: Path, scfg: DictConfig) -> tuple[list[Sanit
     x_all = images_to_tensor(images["path"].tolist(), model.transform).to(ctx.device)
     with torch.no_grad():
         top2 = module(x_all).float().topk(2, dim=1).indices.cpu()
-    layers = [str(v) for v in _plain(scfg.layers)] if scfg.layers is not None else parameter_layers(module)
+    spec = _plain(scfg.layers)
+    layers = parameter_layers(module) if spec is None else [str(v) for v in ([spec] if isinstance(spec, str) else spec)]
     for name in layers:
         get_layer(module, name)
     if not layers:
@@ -286,7 +286,6 @@ def run_sanity(ctx: Context, source: Path, scfg: DictConfig) -> tuple[list[Sanit
         key = make_key(kind="sanity", version=SANITY_VERSION, method=method, settings=settings, layers=layers,
                        seed=seed, model=model.key, images=ids, targets=top2[:n].tolist())
         folder = ctx.cache.get(SANITY_KIND, key, fanout=True)
-        cached = folder is not None
         if folder is None:
             log.info("report: sanity checks of %s on %d image(s), %d layer(s)", method, n, len(layers))
             fn = rs.method_fn(method, {**settings, "batch_size": int(ctx.cfg.explain.occlusion.batch_size)})
@@ -308,7 +307,7 @@ def run_sanity(ctx: Context, source: Path, scfg: DictConfig) -> tuple[list[Sanit
                                     final_spearman=float(result["steps"][-1]) if result["steps"] else float("nan"),
                                     class_spearman=float(result["class_spearman"]),
                                     class_rel_l2=float(result["class_rel_l2"]), randomization_ok=rand_ok,
-                                    class_ok=class_ok, strip=str(folder / "cascade.png"), cached=cached))
+                                    class_ok=class_ok, strip=str(folder / "cascade.png")))
     return results, ""
 
 

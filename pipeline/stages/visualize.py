@@ -55,6 +55,7 @@ DECONV_VERSION = 1
 PATCH_FILE = "patch.png"
 DECONV_MODES = ("auto", "explicit", "hooked")
 DISPLAY_QUANTILE = 0.995
+ACTIVATIONS = (torch.nn.ReLU, torch.nn.ReLU6)
 
 
 # ------------------------------------------------------------------------------ selection ---
@@ -166,6 +167,29 @@ def resolve_classes(spec: Any, class_names: Sequence[str], all_up_to: int) -> li
     return out
 
 
+def pre_activation(module: torch.nn.Module, layer: str) -> str:
+    """The layer whose output is the input of ``layer``'s final ReLU/ReLU6, where the module
+    structure shows it: a ReLU that follows a sibling in a Sequential (digits' ``features.relu4``
+    -> ``features.conv4``), or a Sequential that ends in one (EfficientNet's ``head`` ->
+    ``head.bn``); otherwise ``layer`` itself (e.g. a residual block's sum)."""
+    modules = dict(module.named_modules())
+    m = modules[layer]
+    prefix = f"{layer}." if layer else ""
+    if isinstance(m, torch.nn.Sequential) and len(m) > 0:
+        last = [n for n, _ in m.named_children()][-1]
+        inner = pre_activation(module, prefix + last)
+        if inner != prefix + last:
+            return inner
+    if isinstance(m, ACTIVATIONS) and layer:
+        parent, _, child = layer.rpartition(".")
+        if isinstance(modules[parent], torch.nn.Sequential):
+            names = [n for n, _ in modules[parent].named_children()]
+            i = names.index(child)
+            if i > 0:
+                return f"{parent}.{names[i - 1]}" if parent else names[i - 1]
+    return layer
+
+
 # ------------------------------------------------------------------- channel statistics ---
 
 @dataclass
@@ -208,7 +232,8 @@ def store_channel_means(store: Any, layer: str) -> tuple[np.ndarray, int]:
 def sample_stats(ctx: Context, layer: str, n: int) -> LayerStats:
     """Channel statistics from a forward pass (up to ``layer``) over ``n`` dataset images, drawn
     with the run's seed from the records sorted by image id (the same sample on every run)."""
-    records = ctx.dataset.records.sort_values("image_id", kind="stable").reset_index(drop=True)
+    records = (ctx.dataset.records.sort_values(["image_id", "path"], kind="stable")
+               .drop_duplicates("image_id").reset_index(drop=True))
     if len(records) == 0:
         raise PipelineError("the dataset has no images to visualise channels with.")
     if len(records) > n:
@@ -228,15 +253,18 @@ def sample_stats(ctx: Context, layer: str, n: int) -> LayerStats:
 
 
 def top_images(stats: LayerStats, store: Any, layer: str, c: int, k: int, hw: tuple[int, int]) -> pd.DataFrame:
-    """The ``k`` images whose spatial max of channel ``c`` is highest: image_id, path, value, y, x."""
+    """The (at most) ``k`` images whose spatial max of channel ``c`` is highest: image_id, path,
+    value, y, x. Images on which the channel's strongest unit is not positive are left out: the
+    channel does not fire there, so there is nothing to project."""
     if store is not None:
-        return store.topk(layer, c, k, by="max")[["image_id", "path", "value", "y", "x"]]
-    assert stats.sample is not None and stats.sample_max is not None and stats.sample_argmax is not None
-    order = np.argsort(-stats.sample_max[:, c], kind="stable")[:k]
-    df = stats.sample.iloc[order][["image_id", "path"]].reset_index(drop=True)
-    df["value"] = stats.sample_max[order, c]
-    df["y"], df["x"] = stats.sample_argmax[order, c] // hw[1], stats.sample_argmax[order, c] % hw[1]
-    return df
+        df = store.topk(layer, c, k, by="max")[["image_id", "path", "value", "y", "x"]]
+    else:
+        assert stats.sample is not None and stats.sample_max is not None and stats.sample_argmax is not None
+        order = np.argsort(-stats.sample_max[:, c], kind="stable")[:k]
+        df = stats.sample.iloc[order][["image_id", "path"]].reset_index(drop=True)
+        df["value"] = stats.sample_max[order, c]
+        df["y"], df["x"] = stats.sample_argmax[order, c] // hw[1], stats.sample_argmax[order, c] % hw[1]
+    return df[df["value"] > 0].reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------- artifact writing ---
@@ -492,14 +520,19 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 def channel_ascent(ctx: Context, layer: str, chosen: list[int], out_dir: Path) -> list[dict[str, Any]]:
-    """Gradient-ascent picture of each channel (one batch), their grid and index rows."""
-    names = [{"layer": layer, "channel": c} for c in chosen]
-    arts = render_cached(ctx, "ascent", names, [channel(layer, c) for c in chosen])
+    """Gradient-ascent picture of each channel (one batch), their grid and index rows.
+
+    With ``ascent.pre_relu`` the objective is the channel before the layer's final ReLU/ReLU6 (as
+    Lucid's ``*_pre_relu`` layers): a ReLU channel that is zero on the starting image has no
+    gradient to climb, and ReLU6 stops rewarding the channel at 6."""
+    target = pre_activation(ctx.model.module, layer) if bool(ctx.cfg.visualize.ascent.pre_relu) else layer
+    names = [{"layer": layer, "channel": c, "objective_layer": target} for c in chosen]
+    arts = render_cached(ctx, "ascent", names, [channel(target, c) for c in chosen])
     path = out_dir / f"ascent__{safe_name(layer)}.png"
     save_png(grid([load_png(a.overlay_path) for a in arts], nrow=min(len(arts), 8)), path)
     return [{"kind": "ascent", "layer": layer, "channel": c, "value": a.meta["objective_value"],
-             "png": str(a.overlay_path), "grid": str(path), "key": a.key, "cached": a.cached}
-            for c, a in zip(chosen, arts)]
+             "png": str(a.overlay_path.resolve()), "grid": str(path.resolve()), "key": a.key,
+             "cached": a.cached} for c, a in zip(chosen, arts)]
 
 
 def channel_deconv(ctx: Context, layer: str, hw: tuple[int, int], chosen: list[int], stats: LayerStats,
@@ -539,8 +572,9 @@ def channel_deconv(ctx: Context, layer: str, hw: tuple[int, int], chosen: list[i
             meta = json.loads((f / META_FILE).read_text())
             field = field or meta["field"]
             rows.append({"kind": "deconv", "layer": layer, "channel": c, "image_id": j.image_id, "rank": j.rank,
-                         "value": meta["value"], "png": str(f / OVERLAY_FILE), "patch_png": str(f / PATCH_FILE),
-                         "grid": str(path), "key": j.key, "cached": j.key not in fresh})
+                         "value": meta["value"], "png": str((f / OVERLAY_FILE).resolve()),
+                         "patch_png": str((f / PATCH_FILE).resolve()), "grid": str(path.resolve()), "key": j.key,
+                         "cached": j.key not in fresh})
     return rows, list(field) if field else None
 
 
@@ -552,7 +586,8 @@ def class_ascent(ctx: Context, classes: list[int], out_dir: Path) -> list[dict[s
     path = out_dir / "classes.png"
     save_png(grid([load_png(a.overlay_path) for a in arts], nrow=min(len(arts), 10)), path)
     return [{"kind": "class", "class_index": k, "class_name": names[k], "value": a.meta["confidence"],
-             "predicted": a.meta["predicted"], "png": str(a.overlay_path), "grid": str(path), "key": a.key,
+             "predicted": a.meta["predicted"], "png": str(a.overlay_path.resolve()), "grid": str(path.resolve()),
+             "key": a.key,
              "cached": a.cached} for k, a in zip(classes, arts)]
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 import os
 import shutil
 import time
@@ -246,13 +247,29 @@ def _self_check(indexes: list[faiss.Index], arrays: dict[str, np.ndarray]) -> st
     return ""
 
 
+def _read_ahead(path: Path) -> mmap.mmap | None:
+    """Ask the kernel to read a file into the page cache in the background (MADV_WILLNEED).
+
+    Memory-mapped indexes are paged in on first touch; without this the first queries after
+    opening a store pay for disk reads of random vectors. Returns the mapping (keep it alive).
+    """
+    try:
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        mm.madvise(mmap.MADV_WILLNEED)
+        return mm
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 class FlatIndex:
-    """An exact index loaded for queries (memory-mapped; pages are read on demand)."""
+    """An exact index loaded for queries (memory-mapped and read ahead in the background)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.manifest = read_manifest(folder) or {}
         self.metric = self.manifest["metric"]
+        self._read_ahead = [_read_ahead(p) for p in sorted(folder.glob("*.faiss"))]
         self.index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC)
         inner = faiss.downcast_index(self.index.index)
         self.n, self.channels = inner.ntotal, inner.d

@@ -202,6 +202,7 @@ class ActivationStore:
         self._layer_manifests: dict[str, dict[str, Any]] = {}
         self._flat_cache: dict[tuple[str, str], search.FlatIndex] = {}
         self._approx_cache: dict[tuple[str, str, str], search.ApproxSearch] = {}
+        self._searchers: dict[tuple[str, str | None, bool, str], tuple[Any, search.FlatIndex, str]] = {}
         self._class_cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def _work_dir(self) -> Path:
@@ -889,6 +890,7 @@ class ActivationStore:
             built = search.build_approx(folder, flat, kind, base, params, self._sample_directions(layer))
         self._flat_cache.pop((layer, metric), None)
         self._approx_cache.pop((layer, kind, metric), None)
+        self._searchers.clear()
         return {**(read_manifest(folder) or built), "built": True}
 
     def _sample_directions(self, layer: str, n: int = 48) -> list[np.ndarray]:
@@ -941,8 +943,17 @@ class ActivationStore:
                                 f"changed since it was built): {INDEX_HINT}.")
         return folder
 
-    def _searcher(self, layer: str, metric: str | None, exact: bool, prefer: str):
-        """The exact or approximate search function for ``layer`` and the metric it uses."""
+    def _searcher(self, layer: str, metric: str | None, exact: bool,
+                  prefer: str) -> tuple[Any, search.FlatIndex, str]:
+        """The exact or approximate search function for ``layer``, its flat index and its metric
+        (resolved once per store state)."""
+        key = (layer, metric, exact, prefer)
+        if key not in self._searchers:
+            self._searchers[key] = self._find_searcher(layer, metric, exact, prefer)
+        return self._searchers[key]
+
+    def _find_searcher(self, layer: str, metric: str | None, exact: bool,
+                       prefer: str) -> tuple[Any, search.FlatIndex, str]:
         kinds = ["flat"] if exact else ["ivf", "hnsw"]
         metrics = [metric] if metric else [prefer, *[m for m in search.METRICS if m != prefer]]
         if metric:
