@@ -197,6 +197,8 @@ class ActivationStore:
         self._img_rows: np.ndarray = np.empty(0, np.int64)
         self._img_file: PartFiles | None = None
         self._img_groups: dict[int, pa.Table] = {}
+        self._lookup: dict[str, int] | None = None
+        self._lookups = 0
         self._topk_cache: dict[str, dict[str, tk.TopK]] = {}
         self._parts_cache: dict[str, PartFiles] = {}
         self._layer_manifests: dict[str, dict[str, Any]] = {}
@@ -783,12 +785,19 @@ class ActivationStore:
         return pd.DataFrame({"row_id": rows, **self._image_info(rows), **columns})
 
     def _row_of(self, image: str) -> int:
-        """The row_id of an image given by image id or path."""
+        """The row_id of an image given by image id or path: a linear scan for the first lookups
+        (cheap for one query), then a hash table built once for the rest."""
         arrays = self._image_arrays()
-        for name in ("image_id", "path"):
-            at = pc.index(arrays[name], str(image)).as_py()
-            if at >= 0:
-                return int(self._img_rows[at])
+        self._lookups += 1
+        if self._lookup is None and self._lookups > 2:
+            self._lookup = dict(zip(arrays["path"].to_pylist(), range(len(self._img_rows))))
+            self._lookup.update(zip(arrays["image_id"].to_pylist(), range(len(self._img_rows))))
+        if self._lookup is not None:
+            at = self._lookup.get(str(image), -1)
+        else:
+            at = max(pc.index(arrays[name], str(image)).as_py() for name in ("image_id", "path"))
+        if at >= 0:
+            return int(self._img_rows[at])
         n = len(self._img_rows)
         hint = suggest(str(image), arrays["path"].to_pylist()) if n <= 10000 else ""
         raise PipelineError(f"unknown image {image!r}: it is neither an image id nor a path in the store "
