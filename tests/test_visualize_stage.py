@@ -159,7 +159,7 @@ def test_digits_classify_their_own_class_visualisations(make_cfg) -> None:
     default ascent settings) at least 90% confidence. Trains the default architecture on 3000
     images so that it fits CI (the tiny 1-epoch model is near chance and cannot pass; 2000 images
     gave a 0.94 minimum, 3000 images and the real model give 1.00 for every class)."""
-    summary = run_stages(make_cfg(["stage=train,visualize", "data.n_train=3000", "data.n_test=300",
+    summary = run_stages(make_cfg(["stage=[train,visualize]", "data.n_train=3000", "data.n_test=300",
                                    "train.epochs=4", "train.batch_size=64", "visualize.top=1",
                                    "visualize.n_most_active=1"]))
     result = summary["stages"]["visualize"]

@@ -114,17 +114,17 @@ class Predictions:
         self.ctx = ctx
         self.batch_size = batch_size
         self.probs: dict[str, np.ndarray] = {}
-        self._store: pd.DataFrame | None = None
+        self._stored: dict[str, int] | None = None
 
     def store_predictions(self) -> dict[str, int]:
         """image_id -> predicted class from the store, or {} when there is no store for this model."""
-        if self._store is None:
+        if self._stored is None:
             try:
-                self._store = self.ctx.store().images()
+                df = self.ctx.store().images()
+                self._stored = dict(zip(df["image_id"].astype(str), df["prediction"].astype(int)))
             except PipelineError:  # no store yet: predictions come from forward passes
-                self._store = pd.DataFrame({"image_id": [], "prediction": []})
-        df = self._store
-        return dict(zip(df["image_id"].astype(str), df["prediction"].astype("Int64")))
+                self._stored = {}
+        return self._stored
 
     def forward(self, items: Sequence[Item]) -> None:
         """Compute (and keep) the probabilities of the items not seen yet."""

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from torchvision.utils import make_grid
 
-from pipeline.artifacts import META_FILE, OVERLAY_FILE, Artifact, artifact_key, artifact_kind, read_artifact
+from pipeline.artifacts import MAP_FILE, META_FILE, OVERLAY_FILE, Artifact, artifact_key, artifact_kind, read_artifact
 from pipeline.cache import Cache, atomic_write_json
 from pipeline.data.loader import record_loader
 from pipeline.errors import PipelineError, suggest
@@ -282,7 +282,8 @@ def save_png(t: torch.Tensor, path: Path) -> None:
 
 def load_png(path: Path) -> torch.Tensor:
     """A PNG as a (C, H, W) float tensor in [0, 1] (1 channel for grayscale)."""
-    arr = np.asarray(Image.open(path)).astype(np.float32) / 255.0
+    with Image.open(path) as im:
+        arr = np.asarray(im).astype(np.float32) / 255.0
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(arr))
 
@@ -296,7 +297,7 @@ def write_picture(cache: Cache, method: str, key: str, raw: np.ndarray, picture:
     meta = {**meta, "method": method, "key": key, "shape": list(raw.shape), "extras": []}
     kind = artifact_kind(method)
     with cache.write(kind, key, {"method": method}, fanout=True) as tmp:
-        np.save(tmp / "map.npy", raw)
+        np.save(tmp / MAP_FILE, raw)
         save_png(picture, tmp / OVERLAY_FILE)
         if patch is not None:
             save_png(patch, tmp / PATCH_FILE)
