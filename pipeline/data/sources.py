@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 RECORD_COLUMNS = ["image_id", "path", "label", "split", "box_x0", "box_y0", "box_x1", "box_y1"]
 BOX_COLUMNS = ["box_x0", "box_y0", "box_x1", "box_y1"]
 DATA_VERSION = 1
-PHOTO_NAMES = ("chelsea", "coffee", "astronaut", "rocket", "motorcycle_left", "cat", "hubble_deep_field",
-               "immunohistochemistry", "retina", "camera", "horse", "page")
+PHOTO_NAMES = ("chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+               "camera", "horse", "page", "coins", "moon", "clock", "brick", "grass", "gravel", "colorwheel", "logo")
 
 
 @dataclass
@@ -134,7 +134,9 @@ def _photos(cfg: Any, cache: Cache) -> DatasetBundle:
         with cache.write("data", key, {"name": "photos", "names": names}) as tmp:
             for n in names:
                 arr = np.asarray(getattr(skimage.data, n)())
-                if arr.dtype != np.uint8:
+                if arr.dtype == bool:
+                    arr = arr.astype(np.uint8) * 255
+                elif arr.dtype != np.uint8:
                     arr = (255 * (arr - arr.min()) / max(float(np.ptp(arr)), 1e-12)).astype(np.uint8)
                 Image.fromarray(arr).save(tmp / f"{n}.png")
         folder = cache.path("data", key)
