@@ -75,7 +75,6 @@ def test_explain_writes_artifacts_panels_table_and_metrics(cfg) -> None:
         assert 0 <= m["deletion_auc"] <= 1 and 0 <= m["insertion_auc"] <= 1
 
 
-@pytest.mark.slow
 def test_rerun_hits_and_one_changed_parameter_recomputes_one_method(cfg) -> None:
     _explain(cfg)
     result, cache = _explain(cfg)
@@ -142,7 +141,6 @@ def test_selection_by_ids_paths_class_misclassified_and_random(cfg) -> None:
                              "explain.select.misclassified=0", "explain.select.limit=3"])) == 3
 
 
-@pytest.mark.slow
 def test_selection_by_store_query(cfg) -> None:
     with pytest.raises(PipelineError, match="stage=extract"):
         _select(cfg, ["explain.select.query.layer=features.relu4", "explain.select.query.channel=5"])
@@ -175,7 +173,6 @@ def test_unlabelled_photos_and_a_file_outside_the_dataset(cfg, tmp_path: Path) -
     assert {Path(p).name for p in table["path"]} == {"chelsea.png", "outside.png"}
 
 
-@pytest.mark.slow
 def test_cam_conversion_on_a_flatten_fc_model(cfg, tmp_path: Path) -> None:
     over = ["model=digits_cnn_fc", "explain.methods=[cam]", "explain.select.random=2",
             "explain.select.misclassified=0", "explain.cam.fit.epochs=20"]
@@ -195,7 +192,6 @@ def test_cam_conversion_on_a_flatten_fc_model(cfg, tmp_path: Path) -> None:
         _explain(cfg, over + ["explain.cam.convert=never"])
 
 
-@pytest.mark.slow
 def test_cam_conversion_reads_pooled_features_from_the_store(cfg) -> None:
     run_stages(cfg(["stage=extract", "model=digits_cnn_fc", "extract.layers=[features.relu4]"]))
     result, _ = _explain(cfg, ["model=digits_cnn_fc", "explain.methods=[cam]", "explain.select.random=1",
