@@ -1,7 +1,8 @@
 """Benchmark of stage=extract: throughput against a bare DataLoader + forward loop, storage size,
 and an incremental re-run with 1% more images. Writes outputs/bench/extract.json.
 
-    python scripts/bench_extract.py [--n 3000] [--n-lite 256] [--threads 2]
+    python scripts/bench_extract.py [--n 3000] [--n-lite 256] [--n-incremental 10000] [--threads 2]
+        [--models-cache outputs/cache/models]
 """
 
 from __future__ import annotations
@@ -120,18 +121,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=3000, help="clutter-digit images for the digits_cnn ratio")
     ap.add_argument("--n-lite", type=int, default=256, help="224x224 images for the efficientnet_lite0 ratio")
+    ap.add_argument("--n-incremental", type=int, default=10000, help="images of the full run before adding 1%%")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models-cache", default=None,
+                    help="a cache/models folder holding the trained default model, to skip training it again")
     ap.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "extract.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        run_stages(config(tmp, ["stage=train"]))  # the default model, trained once
+        if args.models_cache:
+            shutil.copytree(args.models_cache, tmp / "cache" / "models")
+        run_stages(config(tmp, ["stage=train"]))  # the default model, trained once (or found in the cache)
         digits = measure(tmp, ["data=imagefolder", f"data.path={digit_folder(tmp, args.n)}"])
         photo_folder(tmp / "photos", args.n_lite)
         lite = measure(tmp, ["model=efficientnet_lite0", "data=imagefolder", f"data.path={tmp / 'photos'}",
                              "extract.batch_size=32"])
-        incr = incremental(tmp, args.n)
+        incr = incremental(tmp, args.n_incremental)
     result = {"ratio_digits_cnn": digits["ratio"], "ratio_efficientnet_lite0": lite["ratio"],
               "bytes_per_image_layer": digits["bytes_per_image_layer"],
               "bytes_per_image_layer_efficientnet_lite0": lite["bytes_per_image_layer"],

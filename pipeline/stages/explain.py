@@ -349,6 +349,7 @@ class CamSetup:
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
+    """A config node as a plain dict (for keys and JSON)."""
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
 
 
@@ -367,6 +368,7 @@ class Explainer:
                                 f"{suggest(self.cmap, list(matplotlib.colormaps))}")
         self.display = display_settings(self.cmap, self.alpha)
         self.head: GapHead | None = None
+        self.no_head_reason = ""
         try:
             self.head = find_gap_head(self.module, x0)
         except PipelineError as err:
@@ -769,6 +771,7 @@ def write_outputs(ctx: Context, explainer: Explainer, table: pd.DataFrame, out_d
     """artifacts.parquet, metrics.json and the printed quality table; returns the stage summary."""
     ecfg = explainer.ecfg
     table["label"] = table["label"].astype("Int64")
+    table["cached"] = table["cached"].astype("boolean")  # NA on the centre-baseline rows
     table_path = out_dir / "artifacts.parquet"
     table.to_parquet(table_path, index=False)
     arts = table[table["key"].notna()]
