@@ -112,7 +112,8 @@ class Context:
 
     def trained_builtin(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Train (or fetch from the cache) the configured built-in model; returns weights and metrics."""
-        mcfg, tcfg = self.cfg.model, self.cfg.train
+        mcfg = self.cfg.model
+        tcfg = OmegaConf.merge(self.cfg.train, mcfg.get("train") or {})  # a model's own recipe wins
         data = self.training_data()
         params = TrainParams(**{k: tcfg[k] for k in TrainParams.__dataclass_fields__ if k in tcfg})
         key = make_key(kind="train", version=TRAIN_VERSION, arch=mcfg.arch, width=int(mcfg.get("width", 32)),
