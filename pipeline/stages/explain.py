@@ -353,6 +353,14 @@ def _plain(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
 
 
+def _choice(key: str, value: Any, choices: Sequence[str]) -> str:
+    """``value`` as a string when it is one of ``choices``, else a clear error naming the key."""
+    value = str(value)
+    if value not in choices:
+        raise PipelineError(f"{key}={value} is not valid.{suggest(value, choices)} Use one of {', '.join(choices)}.")
+    return value
+
+
 class Explainer:
     """Computes or reads each method's artifact for one image; method setup happens once per run."""
 
@@ -494,19 +502,8 @@ class Explainer:
 
     def _setup_occlusion(self) -> dict[str, Any]:
         ocfg = self.ecfg.occlusion
-        engine = str(ocfg.engine)
-        if engine not in ENGINES:
-            raise PipelineError(f"explain.occlusion.engine={engine} is not valid.{suggest(engine, ENGINES)} "
-                                f"Use one of {', '.join(ENGINES)}.")
-        if str(ocfg.fill) not in FILLS:
-            raise PipelineError(f"explain.occlusion.fill={ocfg.fill} is not valid.{suggest(str(ocfg.fill), FILLS)} "
-                                f"Use one of {', '.join(FILLS)}.")
-        if engine != "plain":
-            try:
-                import pipeline.methods.krypton  # noqa: F401
-            except ImportError as err:
-                log.warning("explain: occlusion engine '%s' is unavailable (%s); using plain occlusion", engine, err)
-                engine = "plain"
+        engine = _choice("explain.occlusion.engine", ocfg.engine, ENGINES)
+        _choice("explain.occlusion.fill", ocfg.fill, FILLS)
         params: dict[str, Any] = {"window": int(ocfg.window), "stride": int(ocfg.stride), "fill": str(ocfg.fill)}
         if params["fill"] == "constant":
             params["fill_value"] = float(ocfg.fill_value)
@@ -518,10 +515,7 @@ class Explainer:
 
     def _setup_segmentation(self) -> dict[str, Any]:
         scfg = self.ecfg.segmentation
-        mode = str(scfg.mode)
-        if mode not in SEGMENTATION_MODES:
-            raise PipelineError(f"explain.segmentation.mode={mode} is not valid.{suggest(mode, SEGMENTATION_MODES)} "
-                                f"Use one of {', '.join(SEGMENTATION_MODES)}.")
+        mode = _choice("explain.segmentation.mode", scfg.mode, SEGMENTATION_MODES)
         keep = {"grabcut": ("fg_quantile", "bg_quantile"), "fraction": ("fraction",), "quantile": ("quantile",)}[mode]
         return {"mode": mode, **{k: float(scfg[k]) for k in keep}}
 
