@@ -88,22 +88,33 @@ def read_artifact(cache: Cache, method: str, key: str) -> Artifact | None:
     return Artifact(method, key, folder, np.load(folder / MAP_FILE), meta, cached=True)
 
 
-def write_artifact(cache: Cache, method: str, key: str, raw_map: np.ndarray, image: np.ndarray,
-                   meta: dict[str, Any], extras: dict[str, np.ndarray] | None = None,
-                   cmap: str = "jet", alpha: float = 0.5) -> Artifact:
-    """Write map, overlay, meta and extras into the artifact's cache folder (manifest last)."""
-    raw_map = np.asarray(raw_map, dtype=np.float32)
-    extras = {k: np.asarray(v, dtype=np.float32) for k, v in (extras or {}).items()}
-    meta = {**meta, "method": method, "key": key, "shape": list(raw_map.shape),
-            "min": float(raw_map.min()), "max": float(raw_map.max()), "extras": sorted(extras)}
+def publish_artifact(cache: Cache, method: str, key: str, raw_map: np.ndarray, meta: dict[str, Any],
+                     pictures: dict[str, Callable[[Path], None]], extras: dict[str, np.ndarray] | None = None,
+                     ) -> Artifact:
+    """Write map.npy, extras, the pictures (file name -> writer) and meta.json into the artifact's
+    cache folder, manifest last; the one writer behind every kind of artifact."""
+    extras = extras or {}
     kind = artifact_kind(method)
     with cache.write(kind, key, {"method": method}, fanout=True) as tmp:
         np.save(tmp / MAP_FILE, raw_map)
         for name, arr in extras.items():
             np.save(tmp / f"{name}.npy", arr)
-        overlay(image, raw_map, cmap, alpha).save(tmp / OVERLAY_FILE)
+        for name, draw in pictures.items():
+            draw(tmp / name)
         atomic_write_json(tmp / META_FILE, meta)
     return Artifact(method, key, cache.path(kind, key, fanout=True), raw_map, meta, cached=False, extras=extras)
+
+
+def write_artifact(cache: Cache, method: str, key: str, raw_map: np.ndarray, image: np.ndarray,
+                   meta: dict[str, Any], extras: dict[str, np.ndarray] | None = None,
+                   cmap: str = "jet", alpha: float = 0.5) -> Artifact:
+    """Write a heat map with its overlay over ``image``, meta and extras (manifest last)."""
+    raw_map = np.asarray(raw_map, dtype=np.float32)
+    extras = {k: np.asarray(v, dtype=np.float32) for k, v in (extras or {}).items()}
+    meta = {**meta, "method": method, "key": key, "shape": list(raw_map.shape),
+            "min": float(raw_map.min()), "max": float(raw_map.max()), "extras": sorted(extras)}
+    return publish_artifact(cache, method, key, raw_map, meta,
+                            {OVERLAY_FILE: lambda path: overlay(image, raw_map, cmap, alpha).save(path)}, extras)
 
 
 def cached_artifact(cache: Cache, method: str, key: str,

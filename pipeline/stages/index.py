@@ -15,19 +15,19 @@ def run(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg.index
     store = ctx.store()
     info = store.finalize(ctx.store_records())
+    n_rows = int(store.images().shape[0])
+    kinds = ["flat"]
+    approx = str(cfg.approximate)
+    if approx in ("ivf", "hnsw") or (approx == "auto" and n_rows >= int(cfg.approximate_min_rows)):
+        kinds.append("hnsw" if approx == "auto" else approx)
     built: dict[str, list[str]] = {}
     for layer in store.layers():
-        n_rows = store.images().shape[0]
-        kinds = ["flat"]
-        approx = str(cfg.approximate)
-        if approx in ("ivf", "hnsw") or (approx == "auto" and n_rows >= int(cfg.approximate_min_rows)):
-            kinds.append("hnsw" if approx == "auto" else approx)
         for metric in cfg.metrics:
             for kind in kinds:
                 params = dict(cfg.get(kind) or {})
                 result = store.build_index(layer, kind=kind, metric=str(metric), **params)
                 if result.get("built"):
                     built.setdefault(layer, []).append(f"{kind}/{metric}")
-    return {"generation": store.generation, "n_images": int(store.images().shape[0]),
+    return {"generation": store.generation, "n_images": n_rows,
             "merged_changes": bool(info.get("changed", False)),
             "indexes_built": sum(len(v) for v in built.values()), "layers": len(store.layers())}

@@ -36,8 +36,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from torchvision.utils import make_grid
 
-from pipeline.artifacts import MAP_FILE, META_FILE, OVERLAY_FILE, Artifact, artifact_key, artifact_kind, read_artifact
-from pipeline.cache import Cache, atomic_write_json
+from pipeline.artifacts import META_FILE, OVERLAY_FILE, Artifact, artifact_key, artifact_kind, publish_artifact, read_artifact
+from pipeline.cache import Cache
 from pipeline.data.loader import record_loader
 from pipeline.errors import PipelineError, suggest
 from pipeline.methods.activations import channel_stats
@@ -292,17 +292,13 @@ def write_picture(cache: Cache, method: str, key: str, raw: np.ndarray, picture:
                   meta: dict[str, Any], patch: torch.Tensor | None = None) -> Artifact:
     """Write an artifact whose ``overlay.png`` is a picture in its own right (an ascent image, a
     deconvnet projection) rather than a heat map over an image, which ``pipeline.artifacts``'s
-    writer does not offer; same layout: map.npy, overlay.png, meta.json (+ patch.png), manifest last."""
+    heat-map writer does not draw; same layout: map.npy, overlay.png, meta.json (+ patch.png)."""
     raw = np.asarray(raw, dtype=np.float32)
     meta = {**meta, "method": method, "key": key, "shape": list(raw.shape), "extras": []}
-    kind = artifact_kind(method)
-    with cache.write(kind, key, {"method": method}, fanout=True) as tmp:
-        np.save(tmp / MAP_FILE, raw)
-        save_png(picture, tmp / OVERLAY_FILE)
-        if patch is not None:
-            save_png(patch, tmp / PATCH_FILE)
-        atomic_write_json(tmp / META_FILE, meta)
-    return Artifact(method, key, cache.path(kind, key, fanout=True), raw, meta, cached=False)
+    pictures = {OVERLAY_FILE: lambda path: save_png(picture, path)}
+    if patch is not None:
+        pictures[PATCH_FILE] = lambda path: save_png(patch, path)
+    return publish_artifact(cache, method, key, raw, meta, pictures)
 
 
 def ascent_params(cfg: DictConfig, model: ModelBundle) -> dict[str, Any]:
