@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.cache import Cache, atomic_write_json, make_key
 from pipeline.data import DatasetBundle, load_dataset
+from pipeline.data.sources import clutter_key
 from pipeline.data.images import load_image
 from pipeline.errors import PipelineError
 from pipeline.store import ActivationStore
@@ -107,19 +108,27 @@ class Context:
         ``train.data`` (clutter-digit settings; null = the defaults)."""
         if self.cfg.data.source == "clutter_digits":
             return self.dataset
-        extra = self.cfg.train.get("data") or {}
-        return load_dataset(OmegaConf.merge({"source": "clutter_digits"}, extra), self.cache)
+        return load_dataset(self._training_data_cfg(), self.cache)
+
+    def training_data_key(self) -> str:
+        """The key of :meth:`training_data`, without reading it when it is not the run's dataset."""
+        if self.cfg.data.source == "clutter_digits":
+            return self.dataset.key
+        return clutter_key(self._training_data_cfg())
+
+    def _training_data_cfg(self) -> DictConfig:
+        return OmegaConf.merge({"source": "clutter_digits"}, self.cfg.train.get("data") or {})
 
     def trained_builtin(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Train (or fetch from the cache) the configured built-in model; returns weights and metrics."""
         mcfg = self.cfg.model
         tcfg = OmegaConf.merge(self.cfg.train, mcfg.get("train") or {})  # a model's own recipe wins
-        data = self.training_data()
         params = TrainParams(**{k: tcfg[k] for k in TrainParams.__dataclass_fields__ if k in tcfg})
         key = make_key(kind="train", version=TRAIN_VERSION, arch=mcfg.arch, width=int(mcfg.get("width", 32)),
-                       params=params.__dict__, data=data.key)
+                       params=params.__dict__, data=self.training_data_key())
         folder = self.cache.get("models", key)
         if folder is None:
+            data = self.training_data()
             log.info("training %s on %s (%d images)", mcfg.arch, data.name, len(data.records))
             net_cls = {"digits_cnn": DigitsCNN, "digits_cnn_fc": DigitsCNNFC}[mcfg.arch]
             torch.manual_seed(params.seed)

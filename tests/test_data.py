@@ -117,6 +117,28 @@ def test_imagefolder_classes_and_manifest(tmp_path: Path) -> None:
     assert m.records["split"].tolist() == ["train", "test"] and m.records["box_x1"].tolist() == [5.0, 6.0]
 
 
+def test_rescan_decodes_only_added_or_changed_files(tmp_path: Path, monkeypatch) -> None:
+    from pipeline.data import sources
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("L", (8, 8), i).save(folder / f"{i}.png")
+    cache = Cache(tmp_path / "c")
+    first = load_dataset({"source": "imagefolder", "path": str(folder)}, cache)
+    decoded: list[str] = []
+    monkeypatch.setattr(sources, "scan_file", lambda p: decoded.append(Path(p).name) or scan_file(p))
+    assert load_dataset({"source": "imagefolder", "path": str(folder)}, cache).key == first.key
+    assert decoded == []                                   # nothing new: no file decoded again
+    Image.new("L", (8, 8), 200).save(folder / "new.png")   # one added, one changed, one removed
+    Image.new("L", (9, 9), 100).save(folder / "1.png")
+    (folder / "3.png").unlink()
+    again = load_dataset({"source": "imagefolder", "path": str(folder)}, cache)
+    assert sorted(decoded) == ["1.png", "new.png"]
+    assert sorted(Path(p).name for p in again.records["path"]) == ["0.png", "1.png", "2.png", "new.png"]
+    assert again.records["image_id"].iloc[1] != first.records["image_id"].iloc[1]
+
+
 def test_missing_or_empty_dataset_path_is_a_clear_error(tmp_path: Path) -> None:
     cache = Cache(tmp_path / "c")
     with pytest.raises(PipelineError, match="does not exist"):

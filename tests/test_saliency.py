@@ -133,3 +133,22 @@ def test_grabcut_with_a_flat_map_falls_back_to_the_seeds() -> None:
         grabcut_mask(image, maps, fg_quantile=0.3, bg_quantile=0.5)
     with pytest.raises(PipelineError, match="same size"):
         grabcut_mask(image, torch.ones(1, 8, 8))
+
+
+def test_smoothgrad_batches_noisy_copies_without_changing_the_result() -> None:
+    torch.manual_seed(0)
+    digits = DigitsCNN(width=8).eval()
+    x = torch.randn(3, 1, 64, 64)
+    targets = [1, 4, 7]
+    one_by_one = saliency(digits, x, targets, samples=5, seed=2, batch_size=1).grad
+    for batch_size in (3, 7, 64):   # 1, 2 and 5 noisy copies of the 3 images per pass
+        batched = saliency(digits, x, targets, samples=5, seed=2, batch_size=batch_size).grad
+        torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-7)
+    # the same as averaging single-image input gradients over the same noise draws
+    gen = torch.Generator().manual_seed(2)
+    sigma = 0.15 * (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(-1, 1, 1, 1)
+    manual = sum(input_gradient(digits, x + sigma * torch.randn(x.shape, generator=gen), targets)
+                 for _ in range(5)) / 5
+    torch.testing.assert_close(one_by_one, manual, rtol=1e-5, atol=1e-7)
+    with pytest.raises(PipelineError, match="2 target classes for 3 images"):
+        saliency(digits, x, [1, 2], samples=2)

@@ -55,22 +55,29 @@ def _records(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def scan(paths: Iterable[str | Path], cache: Cache | None) -> tuple[dict[str, ScanResult], pd.DataFrame]:
+def scan(paths: Iterable[str | Path], cache: Cache | None, scope: str | Path
+         ) -> tuple[dict[str, ScanResult], pd.DataFrame]:
     """Validate files (cached by path, size and mtime) and warn once per bad file.
 
+    The cache holds one table per ``scope`` (the folder or manifest the paths come from), so a
+    re-run after files were added, changed or removed decodes only those files.
     Returns the good files' results by path, and the quarantine table.
     """
     paths = [os.path.abspath(p) for p in paths]
-    index_path = cache.root / "scan" / f"{make_key(kind='scan', paths=sorted(paths))}.parquet" if cache else None
+    scope_key = make_key(kind="scan", scope=os.path.abspath(scope))
+    index_path = cache.root / "scan" / f"{scope_key}.parquet" if cache else None
     known: dict[tuple[str, int, int], ScanResult] = {}
     if index_path is not None and index_path.exists():
         old = pd.read_parquet(index_path)
-        for r in old.itertuples(index=False):
-            known[(r.path, int(r.size), int(r.mtime_ns))] = ScanResult(
-                r.path, r.image_id, None if pd.isna(r.width) else int(r.width),
-                None if pd.isna(r.height) else int(r.height), r.reason)
+        sizes = [None if pd.isna(v) else int(v) for v in old["width"].tolist() + old["height"].tolist()]
+        n_old = len(old)
+        for i, (p, size, mtime, image_id, reason) in enumerate(zip(
+                old["path"].tolist(), old["size"].tolist(), old["mtime_ns"].tolist(),
+                old["image_id"].tolist(), old["reason"].tolist())):
+            known[(p, size, mtime)] = ScanResult(p, image_id, sizes[i], sizes[n_old + i], reason)
     results: dict[str, ScanResult] = {}
     rows = []
+    fresh = 0
     for p in paths:
         try:
             st = os.stat(p)
@@ -80,11 +87,12 @@ def scan(paths: Iterable[str | Path], cache: Cache | None) -> tuple[dict[str, Sc
         res = known.get(sig) if sig else None
         if res is None:
             res = scan_file(p)
+            fresh += 1
         results[p] = res
         if sig:
             rows.append({"path": p, "size": sig[1], "mtime_ns": sig[2], "image_id": res.image_id,
                          "width": res.width, "height": res.height, "reason": res.reason})
-    if index_path is not None and rows:
+    if index_path is not None and rows and (fresh or len(rows) != len(known)):
         buf = pd.DataFrame(rows).to_parquet(index=False)
         atomic_write_bytes(index_path, buf)
     bad = [(p, r.reason) for p, r in results.items() if r.reason]
@@ -95,10 +103,17 @@ def scan(paths: Iterable[str | Path], cache: Cache | None) -> tuple[dict[str, Sc
     return good, quarantine
 
 
+def clutter_key(cfg: Any) -> str:
+    """The clutter-digits dataset's key: generation is a pure function of its parameters, so they
+    identify its content (and the key is known without reading the dataset)."""
+    p = ClutterParams(**{k: cfg[k] for k in ClutterParams.__dataclass_fields__ if k in cfg})
+    return make_key(kind="data", name="clutter_digits", version=DATA_VERSION, params=p.__dict__)
+
+
 def _clutter(cfg: Any, cache: Cache) -> DatasetBundle:
     """Generate (once, cached by parameters) and return the clutter-digits dataset."""
     p = ClutterParams(**{k: cfg[k] for k in ClutterParams.__dataclass_fields__ if k in cfg})
-    key = make_key(kind="data", name="clutter_digits", version=DATA_VERSION, params=p.__dict__)
+    key = clutter_key(cfg)
     folder = cache.get("data", key)
     if folder is None:
         with cache.write("data", key, {"name": "clutter_digits", "params": p.__dict__}) as tmp:
@@ -115,8 +130,9 @@ def _clutter(cfg: Any, cache: Cache) -> DatasetBundle:
             table.to_parquet(tmp / "manifest.parquet", index=False)
         folder = cache.path("data", key)
     table = pd.read_parquet(folder / "manifest.parquet")
-    table["path"] = [str(folder / r) for r in table["path"]]
-    return DatasetBundle("clutter_digits", _records(table.to_dict("records")), [str(i) for i in range(10)])
+    table["path"] = str(folder) + os.sep + table["path"].astype(str)  # vectorised: 6000 Path joins cost 50 ms
+    return DatasetBundle("clutter_digits", _records(table.to_dict("records")), [str(i) for i in range(10)],
+                         key=key)
 
 
 def _photos(cfg: Any, cache: Cache) -> DatasetBundle:
@@ -140,7 +156,7 @@ def _photos(cfg: Any, cache: Cache) -> DatasetBundle:
                     arr = (255 * (arr - arr.min()) / max(float(np.ptp(arr)), 1e-12)).astype(np.uint8)
                 Image.fromarray(arr).save(tmp / f"{n}.png")
         folder = cache.path("data", key)
-    good, quarantine = scan([folder / f"{n}.png" for n in names], cache)
+    good, quarantine = scan([folder / f"{n}.png" for n in names], cache, folder)
     rows = [{"image_id": r.image_id, "path": p, "label": None, "split": "all"} for p, r in good.items()]
     return DatasetBundle("photos", _records(rows), None, quarantine)
 
@@ -155,6 +171,11 @@ def _require_dir(path: str | None, what: str) -> Path:
     return p
 
 
+def _sorted(paths: Iterable[Path]) -> list[Path]:
+    """Paths in Path order, each split into parts once (comparing Path objects re-splits them)."""
+    return sorted(paths, key=lambda f: f.parts)
+
+
 def _listed(f: Path, exts: tuple[str, ...]) -> bool:
     """A visible file (or a link, even a broken one, so that it is reported) with an image extension."""
     return (f.is_file() or f.is_symlink()) and not f.name.startswith(".") and f.suffix.lower() in exts
@@ -166,13 +187,13 @@ def _imagefolder(cfg: Any, cache: Cache) -> DatasetBundle:
     exts = tuple(e.lower() for e in (cfg.get("extensions") or IMAGE_EXTENSIONS))
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if classes:
-        files = [(f, ci) for ci, c in enumerate(classes) for f in sorted((root / c).rglob("*")) if _listed(f, exts)]
+        files = [(f, ci) for ci, c in enumerate(classes) for f in _sorted((root / c).rglob("*")) if _listed(f, exts)]
     else:
-        files = [(f, None) for f in sorted(root.iterdir()) if _listed(f, exts)]
+        files = [(f, None) for f in _sorted(root.iterdir()) if _listed(f, exts)]
     if not files:
         raise PipelineError(f"data=imagefolder: no images with extensions {', '.join(exts)} under '{root}'. "
                             "Point data.path at a folder of images (flat or one subfolder per class).")
-    good, quarantine = scan([f for f, _ in files], cache)
+    good, quarantine = scan([f for f, _ in files], cache, root)
     split = str(cfg.get("split") or "all")
     rows = [{"image_id": good[str(f)].image_id, "path": str(f), "label": ci, "split": split}
             for f, ci in files if str(f) in good]
@@ -196,7 +217,7 @@ def _manifest(cfg: Any, cache: Cache) -> DatasetBundle:
     if "label" in table.columns and not pd.api.types.is_numeric_dtype(table["label"]):
         class_names = sorted(table["label"].dropna().astype(str).unique())
         table["label"] = table["label"].map({c: i for i, c in enumerate(class_names)})
-    good, quarantine = scan(table["path"], cache)
+    good, quarantine = scan(table["path"], cache, mpath)
     table = table[table["path"].isin(good)].copy()
     table["image_id"] = [good[p].image_id for p in table["path"]]
     for c in RECORD_COLUMNS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,7 +22,13 @@ def channel_stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         raise ValueError(f"expected a (B,C,H,W) or (B,C) activation, got shape {tuple(t.shape)}")
     b, c, h, w = t.shape
     flat = t.reshape(b, c, h * w).float()
-    mx, arg = flat.max(dim=2)
+    if flat.device.type == "cpu":
+        # numpy's SIMD argmax is ~10x faster than torch's max(dim) with indices on the CPU, and
+        # this runs on every extracted batch; both return the first maximum.
+        arg = torch.from_numpy(np.argmax(flat.numpy(), axis=2))
+    else:
+        arg = flat.argmax(dim=2)
+    mx = flat.gather(2, arg[..., None])[..., 0]
     return mx, flat.mean(dim=2), arg.to(torch.int32), (h, w)
 
 
