@@ -30,7 +30,7 @@ from pipeline.models.layers import guess_default_layers, resolve_layers
 from pipeline.models.training import TrainParams, train_classifier
 
 log = logging.getLogger(__name__)
-TRAIN_VERSION = 1
+TRAIN_VERSION = 2  # 2: the digits trunk's last conv is 1x1
 
 
 def resolve_device(name: str) -> torch.device:

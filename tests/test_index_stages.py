@@ -60,7 +60,9 @@ def test_topk_matches_a_direct_forward_pass(make_cfg) -> None:
     handle.remove()
     out = grabbed["out"]
     assert (logits.argmax(1).numpy() == recs["prediction"].to_numpy()).all()
-    for channel in (0, 7, 127):
+    # three channels whose values spread (a channel dead on most images ties at 0, in any order)
+    spread = out.flatten(2).amax(2).std(0)
+    for channel in torch.argsort(spread, descending=True)[:3].tolist():
         spatial_max = out[:, channel].flatten(1).max(1).values
         want = recs["image_id"].to_numpy()[torch.argsort(spatial_max, descending=True)[:5].numpy()]
         got = store.topk(layer, channel, 5)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -29,16 +31,23 @@ def extract_chunk(ctx: Context, chunk: pd.DataFrame, layers: list[str], bar: tqd
     per_layer: dict[str, dict[str, list]] = {name: {"max": [], "mean": [], "argmax": []} for name in layers}
     hw: dict[str, tuple[int, int]] = {}
     logits_all = []
-    loader = record_loader(chunk, model.transform, int(cfg.batch_size), int(cfg.num_workers))
+    batch_size = int(cfg.batch_size)
+    loader = record_loader(chunk, model.transform, batch_size, int(cfg.num_workers))
     with record_stats(model.module, layers) as rec:
         for x, _ in loader:
-            logits_all.append(model.module(x.to(ctx.device)).float().cpu())
+            n = len(x)
+            if n < batch_size:
+                # Zero-pad a short batch: oneDNN chooses its conv algorithm by batch size, and a short
+                # batch (whose size depends on sharding or on where a killed run resumes) could
+                # change the last bits; full batches keep every store bit-identical.
+                x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
+            logits_all.append(model.module(x.to(ctx.device))[:n].float().cpu())
             for name in layers:
                 mx, mean, arg, hw[name] = rec[name]
-                per_layer[name]["max"].append(mx.cpu())
-                per_layer[name]["mean"].append(mean.cpu())
-                per_layer[name]["argmax"].append(arg.cpu())
-            bar.update(len(x))
+                per_layer[name]["max"].append(mx[:n].cpu())
+                per_layer[name]["mean"].append(mean[:n].cpu())
+                per_layer[name]["argmax"].append(arg[:n].cpu())
+            bar.update(n)
     layer_arrays = {name: {k: torch.cat(v).numpy() for k, v in d.items()} | {"hw": hw[name]}
                     for name, d in per_layer.items()}
     logits = torch.cat(logits_all)
@@ -67,10 +76,18 @@ def run(ctx: Context) -> dict[str, Any]:
     log.info("extract: %d of %d images in shard %d/%d need the model (%d already stored)",
              len(plan), plan.n_in_shard, shard, num_shards, plan.n_done)
     start = time.perf_counter()
-    with tqdm(total=len(plan), desc="extract", unit="img", disable=None if ctx.progress else True) as bar:
+    # Each part is written by a background thread while the model runs on the next chunk (Parquet
+    # encoding and the top-K merge release the GIL); at most one write is in flight, in order.
+    with tqdm(total=len(plan), desc="extract", unit="img", disable=None if ctx.progress else True) as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="write_part") as writer:
+        pending: Future | None = None
         for chunk in plan.chunks(int(cfg.part_size)):
             layer_arrays, preds = extract_chunk(ctx, chunk, layers, bar)
-            store.write_part(shard, chunk, layer_arrays, preds)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(store.write_part, shard, chunk, layer_arrays, preds)
+        if pending is not None:
+            pending.result()
     seconds = time.perf_counter() - start
     result: dict[str, Any] = {"layers": layers, "processed": len(plan), "skipped": plan.n_done,
                               "images_per_s": round(len(plan) / seconds, 1) if len(plan) else None,
