@@ -33,7 +33,9 @@ def save_topk_grid(model: ModelBundle, paths: list[str], layer: str, positions: 
                    hw: tuple[int, int] | None, out: Path) -> None:
     """Images in one row and, when ``positions`` (columns y, x) are given, their receptive-field
     crops around those units of ``layer`` in a second row (Zeiler & Fergus's top-9 patches)."""
-    views = model_view(model, images_to_tensor(paths, model.transform))
+    unique = list(dict.fromkeys(paths))  # the neurons query shows one image k times: decode it once
+    where = {p: i for i, p in enumerate(unique)}
+    views = model_view(model, images_to_tensor(unique, model.transform))[[where[p] for p in paths]]
     side = CROP_SIZE * 2
     shown = F.interpolate(views, size=(side, side), mode="bilinear", align_corners=False)
     tiles = [shown]

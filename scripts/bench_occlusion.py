@@ -132,6 +132,7 @@ def bench_model(model: nn.Module, x: torch.Tensor, window: int, stride: int, bat
         "speedup_approx": round(captum_s / approx_s, 2),
         "exact_vs_plain": round(plain_s / incremental_s, 2),
         "approx_positions_evaluated": len(evaluated),
+        "approx_bfloat16": approx_engine.low_precision,
         "ssim_approx": round(_ssim(exact.prob, fast.prob), 4),
         "ssim_approx_score": round(_ssim(exact.score_drop, fast.score_drop), 4),
         "spearman_approx": round(float(spearmanr(exact.score_drop_grid.flatten(),
@@ -140,6 +141,8 @@ def bench_model(model: nn.Module, x: torch.Tensor, window: int, stride: int, bat
         "exact_vs_plain_rel_err": _rel_err(plain.score_drop, exact.score_drop),
         "exact_within_1e-4": _rel_err(plain.score_drop, exact.score_drop) <= 1e-4,
         "theory_ratio": round(engine.flop_ratio(boxes), 3),
+        # MACs of exact occlusion over the approximate run's (positions evaluated, boxes after
+        # tau); bfloat16 speed is not counted
         "theory_ratio_approx": round(approx_theory, 3),
     }
 
@@ -156,16 +159,23 @@ def main() -> None:
                         help="positions per batch for plain occlusion (16 was its fastest here)")
     parser.add_argument("--captum-ppe", type=int, default=1,
                         help="Captum perturbations_per_eval (its default is 1)")
-    parser.add_argument("--tau", type=float, default=ApproximateEngine.DEFAULTS["tau"])
-    parser.add_argument("--coarse-factor", type=int,
-                        default=ApproximateEngine.DEFAULTS["coarse_factor"])
-    parser.add_argument("--top-r", type=float, default=ApproximateEngine.DEFAULTS["top_r"])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tolerance", type=float,
+                        default=ApproximateEngine.DEFAULTS["tolerance"],
+                        help="approximate drill-down tolerance (negative: evaluate every position)")
+    parser.add_argument("--low-precision", type=int, choices=(0, 1),
+                        default=int(ApproximateEngine.DEFAULTS["low_precision"]),
+                        help="approximate engine: convolve changes in bfloat16 (1) or not (0)")
+    parser.add_argument("--tau", type=float, default=ApproximateEngine.DEFAULTS["tau"],
+                        help="approximate engine: projective-field threshold (default off)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is the fair comparison: Captum gains little from "
+                             "more, and the machine is shared)")
     parser.add_argument("--out", default="outputs/bench/occlusion.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     size = 112 if args.quick else 224
-    approx = {"tau": args.tau, "coarse_factor": args.coarse_factor, "top_r": args.top_r}
+    approx = {"tolerance": None if args.tolerance < 0 else args.tolerance,
+              "low_precision": bool(args.low_precision), "tau": args.tau}
     results: dict[str, object] = {}
     load_before = os.getloadavg()
     for name, (model, x, weights) in _models(size).items():

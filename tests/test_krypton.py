@@ -14,11 +14,13 @@ from torch.nn import functional as F
 from torchvision.models import resnet18, vgg11
 
 from pipeline.errors import PipelineError
+from pipeline.methods import krypton
 from pipeline.methods.krypton import (
     ApproximateEngine,
     IncrementalEngine,
     _window_axis,
     drill_down,
+    low_precision_supported,
     theoretical_flop_ratio,
 )
 from pipeline.methods.occlusion import PlainEngine, make_fill, occlusion, occlusion_boxes
@@ -326,8 +328,8 @@ def test_approximate_without_approximation_is_exact() -> None:
     model = _randomize_bn(TinyResidual())
     x = torch.randn(1, 3, 32, 32)
     exact = occlusion(model, x, 1, window=8, stride=4, engine="incremental")
-    same = occlusion(model, x, 1, window=8, stride=4, engine="approximate", tau=None,
-                     coarse_factor=1)
+    same = occlusion(model, x, 1, window=8, stride=4, engine="approximate", tolerance=None,
+                     tau=None, low_precision=False)
     torch.testing.assert_close(same.score_drop, exact.score_drop, atol=1e-5, rtol=1e-4)
 
 
@@ -348,42 +350,130 @@ def _smooth_detector() -> nn.Module:
     return model
 
 
-def test_approximate_is_close_and_cheaper() -> None:
-    model = _smooth_detector()
+def _blobs() -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
-    x = (3.0 * torch.exp(-((yy - 30) ** 2 + (xx - 36) ** 2) / 150.0)
-         + 0.5 * torch.exp(-((yy - 10) ** 2 + (xx - 12) ** 2) / 50.0))[None, None]
-    exact = occlusion(model, x, 4, window=8, stride=4, engine="incremental")
-    engine = ApproximateEngine(model, x, tau=0.3, coarse_factor=2, top_r=0.25)
-    approx = occlusion(model, x, 4, window=8, stride=4, engine=engine)
-    for e, a in ((exact.prob, approx.prob), (exact.score_drop, approx.score_drop)):
-        e, a = e.double().numpy(), a.double().numpy()
-        assert structural_similarity(e, a, data_range=float(e.max() - e.min())) >= 0.9
+    return (3.0 * torch.exp(-((yy - 30) ** 2 + (xx - 36) ** 2) / 150.0)
+            + 0.5 * torch.exp(-((yy - 10) ** 2 + (xx - 12) ** 2) / 50.0))[None, None]
+
+
+def _ssim(exact: torch.Tensor, approx: torch.Tensor) -> float:
+    e, a = exact.double().numpy(), approx.double().numpy()
+    return float(structural_similarity(e, a, data_range=float(e.max() - e.min())))
+
+
+def test_approximate_is_close_and_cheaper() -> None:
+    model, x = _smooth_detector(), _blobs()
+    exact = occlusion(model, x, 4, window=8, stride=2, engine="incremental")
+    engine = ApproximateEngine(model, x)
+    approx = occlusion(model, x, 4, window=8, stride=2, engine=engine)
+    assert _ssim(exact.prob, approx.prob) >= 0.9
+    assert _ssim(exact.score_drop, approx.score_drop) >= 0.9
     assert not torch.allclose(exact.score_drop, approx.score_drop)
-    assert len(engine.evaluated) < 0.6 * len(exact.boxes)
+    assert len(engine.evaluated) < 0.75 * len(exact.boxes)
+
+
+def test_approximate_quality_on_a_rough_map() -> None:
+    """A random network's map varies from position to position: the checkerboard alone misses
+    the bar, the drill-down's refinement brings the heat map's SSIM to 0.9 or more."""
+    torch.manual_seed(2)
+    model = DigitsCNN().eval()
+    x = torch.randn(1, 1, 64, 64)
+    target = int(model(x).argmax())
+    exact = occlusion(model, x, target, window=8, stride=4, engine="incremental")
+    engine = ApproximateEngine(model, x)
+    approx = occlusion(model, x, target, window=8, stride=4, engine=engine)
+    assert _ssim(exact.prob, approx.prob) >= 0.9
+    assert len(engine.evaluated) < 0.9 * len(exact.boxes)
+    coarse = occlusion(model, x, target, window=8, stride=4, engine="approximate",
+                       tolerance=float("inf"))
+    assert _ssim(exact.prob, coarse.prob) < 0.9
+
+
+def test_projective_field_threshold_is_close_and_cheaper() -> None:
+    model, x = _smooth_detector(), _blobs()
+    exact = occlusion(model, x, 4, window=8, stride=4, engine="incremental")
+    engine = ApproximateEngine(model, x, tau=0.2, tolerance=None, low_precision=False)
+    approx = occlusion(model, x, 4, window=8, stride=4, engine=engine)
+    assert _ssim(exact.prob, approx.prob) >= 0.9
+    assert not torch.allclose(exact.score_drop, approx.score_drop)
     boxes = exact.boxes
     assert engine.flop_ratio(boxes) > 1.5 * IncrementalEngine(model, x).flop_ratio(boxes)
 
 
-def test_drill_down_refines_the_largest_drops() -> None:
-    """Coarse samples at rows/cols 0, 2, 4 of a 5x5 grid; a dip at the centre sample makes its
-    8 interpolated neighbours the largest drops, and exactly those are evaluated."""
-    truth = torch.arange(25.0).reshape(25, 1)
-    truth[12] = -100.0
+def test_threshold_centres_on_the_patch_and_spares_small_maps() -> None:
+    lo, hi = torch.tensor([0, 4]), torch.tensor([20, 9])
+    centre = torch.tensor([0.05, 0.5])
+    # a box clipped at the image's edge keeps the edge, where the patch is; a box within the
+    # limit is left alone
+    y0, y1 = krypton._cap(lo, hi, 20, 0.3, centre)
+    assert y0.tolist() == [0, 4] and y1.tolist() == [6, 9]
+    y0, y1 = krypton._cap(lo, hi, 20, 0.3)
+    assert y0.tolist() == [7, 4] and y1.tolist() == [13, 9]
+    y0, y1 = krypton._cap(torch.tensor([0]), torch.tensor([20]), 20, 0.3, torch.tensor([0.5]))
+    assert (y0.item(), y1.item()) == (7, 13)
+    small = krypton.TAU_MIN_SIZE - 1
+    y0, y1 = krypton._cap(torch.tensor([0]), torch.tensor([small]), small, 0.3,
+                          torch.tensor([0.5]))
+    assert (y0.item(), y1.item()) == (0, small)
+
+
+def test_drill_down_refines_where_the_map_changes() -> None:
+    """A 5x5 grid: the checkerboard (13 positions) is evaluated first; a dip at the centre makes
+    its four neighbours' neighbourhoods vary, so exactly those four are evaluated too, and the
+    flat rest is the mean of its neighbours."""
+    truth = torch.zeros(25, 2)
+    truth[12, 0] = -5.0
     calls: list[int] = []
 
     def evaluate(index: torch.Tensor) -> torch.Tensor:
         calls.append(len(index))
         return truth[index]
 
-    logits, evaluated = drill_down(evaluate, (5, 5), 0, coarse_factor=2, top_r=8 / 25)
-    coarse = [0, 2, 4, 10, 12, 14, 20, 22, 24]
-    neighbours = [6, 7, 8, 11, 13, 16, 17, 18]
-    assert calls == [9, 8]
-    assert evaluated.tolist() == sorted(coarse + neighbours)
+    logits, evaluated = drill_down(evaluate, (5, 5), 0, tolerance=0.3)
+    checkerboard = [i for i in range(25) if (i // 5 + i % 5) % 2 == 0]
+    assert calls == [13, 4]
+    assert evaluated.tolist() == sorted(checkerboard + [7, 11, 13, 17])
     torch.testing.assert_close(logits[evaluated], truth[evaluated])
-    # the rest (1, 3, 5, ...) is interpolated between coarse samples: 1 = (0 + 2) / 2
-    assert float(logits[1]) == pytest.approx(1.0)
+    torch.testing.assert_close(logits[1], torch.zeros(2))
+    # a map that varies everywhere by more than the tolerance is evaluated everywhere
+    rough = torch.randn(25, 3, generator=torch.Generator().manual_seed(0)) * 3
+    _, every = drill_down(lambda i: rough[i], (5, 5), 1, tolerance=0.0)
+    assert every.tolist() == list(range(25))
+
+
+def test_drill_down_estimate_is_the_neighbour_mean() -> None:
+    truth = torch.arange(9.0).reshape(9, 1).repeat(1, 2)
+    logits, evaluated = drill_down(lambda i: truth[i], (3, 3), 0, tolerance=1.0)
+    assert evaluated.tolist() == [0, 2, 4, 6, 8]
+    # position 1 (row 0, col 1): neighbours 0, 2 and 4; position 3: neighbours 0, 4 and 6
+    assert float(logits[1, 0]) == pytest.approx((0 + 2 + 4) / 3)
+    assert float(logits[3, 0]) == pytest.approx((0 + 4 + 6) / 3)
+
+
+@pytest.mark.skipif(not low_precision_supported(), reason="no native bfloat16 on this CPU")
+@pytest.mark.parametrize("make", [TinySequential, TinyResidual, TinyDepthwise])
+def test_low_precision_change_is_close(make: type[nn.Module],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Convolving only the change in bfloat16 stays within 2% of the score range of exact
+    occlusion (and is not bit-exact: the bfloat16 path ran), on every layer kind."""
+    monkeypatch.setattr(krypton, "LOW_PRECISION_MIN_MACS", 0)
+    torch.manual_seed(0)
+    model = _randomize_bn(make())
+    x = torch.randn(1, 3, 32, 32)
+    boxes, _ = occlusion_boxes(32, 32, 8, 4)
+    fill = make_fill(x, "mean")
+    exact = IncrementalEngine(model, x)(boxes, fill)
+    engine = ApproximateEngine(model, x, tolerance=None, tau=None)
+    assert engine.low_precision
+    approx = engine(boxes, fill)
+    error = float((approx - exact).abs().max()) / float(exact.max() - exact.min())
+    assert 0 < error <= 2e-2
+
+
+def test_low_precision_can_be_off() -> None:
+    model = DigitsCNN().eval()
+    engine = ApproximateEngine(model, torch.randn(1, 1, 64, 64), low_precision=False)
+    assert not engine.low_precision
 
 
 def test_bad_approximation_parameters() -> None:
@@ -391,7 +481,5 @@ def test_bad_approximation_parameters() -> None:
     x = torch.randn(1, 1, 64, 64)
     with pytest.raises(PipelineError, match="tau"):
         IncrementalEngine(model, x, tau=1.5)
-    with pytest.raises(PipelineError, match="coarse_factor"):
-        ApproximateEngine(model, x, coarse_factor=0)
-    with pytest.raises(PipelineError, match="top_r"):
-        ApproximateEngine(model, x, top_r=2.0)
+    with pytest.raises(PipelineError, match="tolerance"):
+        ApproximateEngine(model, x, tolerance=-0.1)

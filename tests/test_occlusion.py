@@ -123,7 +123,7 @@ def test_custom_engine_is_used() -> None:
     ({"fill": "blur", "blur_sigma": 0.0}, "blur_sigma"),
     ({"engine": "incremntal"}, "Did you mean: incremental"),
     ({"engine": "plain", "tau": 0.5}, "apply only to engine='approximate'"),
-    ({"engine": "approximate", "top_k": 0.5}, "Did you mean: top_r"),
+    ({"engine": "approximate", "tolerence": 0.5}, "Did you mean: tolerance"),
 ])
 def test_user_errors(kwargs: dict, match: str) -> None:
     model = DigitsCNN().eval()

@@ -14,13 +14,14 @@ anything unknown) receive full tensors rebuilt from the cache plus the patch, an
 them runs normally on the batch; an unknown layer is logged, and the result stays exact.
 
 Boxes are tracked per position; the recomputed box of a batch has one common size (the largest
-changed box, shifted inside the tensor at the edges), so every layer is one batched call.
+changed box, shifted inside the tensor at the edges), so every layer is one batched call. Batches
+are split so that the largest recomputed box of a pass stays cache-sized (``CHUNK_BYTES``).
 
 Approximations (``ApproximateEngine``): Krypton's projective-field threshold ``tau`` caps the
-changed box at ``ceil(tau * size)`` per axis (centred; values outside are taken from the cache), and
-adaptive drill-down evaluates a coarse grid (every ``coarse_factor``-th position), interpolates it,
-and evaluates exactly only the ``top_r`` fraction of positions with the largest interpolated
-score drop.
+changed box at ``ceil(tau * size)`` per axis on maps of at least ``TAU_MIN_SIZE`` (centred on the
+patch; values outside are taken from the cache); adaptive drill-down evaluates a checkerboard of
+positions, estimates the others from their neighbours and evaluates those whose neighbourhood
+varies; and the dense convolutions process only the patch's change, in bfloat16.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import copy
 import logging
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,26 +133,35 @@ def _div_ceil(a: torch.Tensor, b: int) -> torch.Tensor:
     return -torch.div(-a, b, rounding_mode="floor")
 
 
-def _cap(lo: torch.Tensor, hi: torch.Tensor, size: int, tau: float | None
-         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Krypton's projective-field threshold: boxes longer than ceil(tau * size) are cut, centred."""
-    if tau is None:
+def _cap(lo: torch.Tensor, hi: torch.Tensor, size: int, tau: float | None,
+         centre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Krypton's projective-field threshold: on maps of at least ``TAU_MIN_SIZE``, boxes longer
+    than ceil(tau * size) are cut to that length, centred on ``centre`` (b,), the patch's centre as
+    a fraction of the image, where the change is largest (on the box's own centre without it),
+    and kept inside the box. Centring on the patch rather than on a box clipped at the image's
+    edge matters: tau=0.6 on ResNet-18 gave heat-map SSIM 0.886 box-centred, 0.979 patch-centred."""
+    if tau is None or size < TAU_MIN_SIZE:
         return lo, hi
     limit = max(1, math.ceil(tau * size))
-    excess = (hi - lo - limit).clamp(min=0)
-    lo = lo + excess // 2
-    return lo, torch.minimum(hi, lo + limit)
+    if centre is None:
+        start = lo + (hi - lo - limit).clamp(min=0) // 2
+    else:
+        start = torch.round(centre * size - limit / 2).long()
+        start = torch.minimum(torch.maximum(start, lo), (hi - limit).clamp(min=0))
+        start = torch.where(hi - lo > limit, start, lo)
+    return start, torch.minimum(hi, start + limit)
 
 
 def _window_axis(lo: torch.Tensor, hi: torch.Tensor, pad: int, kernel: int, stride: int,
-                 dilation: int, out_size: int, tau: float | None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output range of a sliding-window op that reads input rows [lo, hi) (unpadded)."""
+                 dilation: int, out_size: int, tau: float | None,
+                 centre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output range of a sliding-window op that reads input rows [lo, hi) (unpadded), capped
+    by ``tau`` (see ``_cap``)."""
     reach = dilation * (kernel - 1)
     out_lo = _div_ceil(lo + pad - reach, stride).clamp(0, out_size)
     out_hi = (torch.div(hi - 1 + pad, stride, rounding_mode="floor") + 1).clamp(0, out_size)
     out_hi = torch.where(hi > lo, torch.maximum(out_hi, out_lo), out_lo)
-    return _cap(out_lo, out_hi, out_size, tau)
+    return _cap(out_lo, out_hi, out_size, tau, centre)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,27 +201,47 @@ def _gather(base: torch.Tensor, base_width: int, ry: torch.Tensor, rx: torch.Ten
     rows = ry[:, None] + torch.arange(rh)
     cols = rx[:, None] + torch.arange(rw)
     index = rows[:, :, None] * base_width + cols[:, None, :]
-    b, channels = len(ry), base.shape[1]
-    out = base[index.reshape(-1)]
+    out = torch.index_select(base, 0, index.reshape(-1))  # far faster than base[index]
     if patch is not None:
-        reg = patch.region
-        dy = reg.cy + offset[0] - ry
-        dx = reg.cx + offset[1] - rx
-        pvals = patch.values.permute(0, 2, 3, 1).reshape(-1, channels)
-        batch = torch.arange(b)[:, None, None]
-        if bool((dy >= 0).all() and (dy <= rh - reg.h).all() and (dx >= 0).all()
-                and (dx <= rw - reg.w).all()):
-            # every patch box lies inside its window: one copy of all patch rows
-            dest = ((batch * rh + dy[:, None, None] + torch.arange(reg.h)[None, :, None]) * rw
-                    + dx[:, None, None] + torch.arange(reg.w)[None, None, :])
-            out.index_copy_(0, dest.reshape(-1), pvals)
-        else:
-            pr = torch.arange(rh)[None, :, None] - dy[:, None, None]
-            pc = torch.arange(rw)[None, None, :] - dx[:, None, None]
-            inside = ((pr >= 0) & (pr < reg.h) & (pc >= 0) & (pc < reg.w)).reshape(-1)
-            source = ((batch * reg.h + pr) * reg.w + pc).reshape(-1)
-            out[inside] = pvals[source[inside]]
-    return out.view(b, rh, rw, channels).permute(0, 3, 1, 2)
+        _overlay(out, ry, rx, rh, rw, patch, offset)
+    return out.view(len(ry), rh, rw, base.shape[1]).permute(0, 3, 1, 2)
+
+
+def _scatter(ry: torch.Tensor, rx: torch.Tensor, rh: int, rw: int, patch: Patch,
+             offset: tuple[int, int]) -> torch.Tensor:
+    """Like ``_gather`` from an all-zero map: windows holding only the patch's values."""
+    if patch.region.h == rh and patch.region.w == rw \
+            and torch.equal(patch.region.cy + offset[0], ry) \
+            and torch.equal(patch.region.cx + offset[1], rx):
+        return patch.values
+    channels = patch.values.shape[1]
+    out = torch.zeros(len(ry) * rh * rw, channels, dtype=patch.values.dtype)
+    _overlay(out, ry, rx, rh, rw, patch, offset)
+    return out.view(len(ry), rh, rw, channels).permute(0, 3, 1, 2)
+
+
+def _overlay(out: torch.Tensor, ry: torch.Tensor, rx: torch.Tensor, rh: int, rw: int,
+             patch: Patch, offset: tuple[int, int]) -> None:
+    """Write a patch's values into windows (b * rh * rw, C) at (ry, rx), where they overlap."""
+    b, channels = len(ry), out.shape[1]
+    reg = patch.region
+    dy = reg.cy + offset[0] - ry
+    dx = reg.cx + offset[1] - rx
+    pvals = patch.values.permute(0, 2, 3, 1).reshape(-1, channels)
+    batch = torch.arange(b)[:, None, None]
+    if bool((dy >= 0).all() and (dy <= rh - reg.h).all() and (dx >= 0).all()
+            and (dx <= rw - reg.w).all()):
+        # every patch box lies inside its window: one copy of all patch rows
+        dest = ((batch * rh + dy[:, None, None] + torch.arange(reg.h)[None, :, None]) * rw
+                + dx[:, None, None] + torch.arange(reg.w)[None, None, :])
+        out.index_copy_(0, dest.reshape(-1), pvals)
+    else:
+        pr = torch.arange(rh)[None, :, None] - dy[:, None, None]
+        pc = torch.arange(rw)[None, None, :] - dx[:, None, None]
+        inside = ((pr >= 0) & (pr < reg.h) & (pc >= 0) & (pc < reg.w)).reshape(-1)
+        source = ((batch * reg.h + pr) * reg.w + pc).reshape(-1)
+        out.index_copy_(0, inside.nonzero().squeeze(1),
+                        torch.index_select(pvals, 0, source[inside]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,6 +260,8 @@ class _Window:
     pad_value: float
     macs_per_pixel: int  # multiply-adds per output pixel (0 for pooling)
     whole: Callable[[torch.Tensor], torch.Tensor] | None = None  # the op on an unpadded full map
+    weight: torch.Tensor | None = None  # a convolution's (BatchNorm-folded) weight: fn is linear
+    groups: int = 1                     # plus a bias, so a change of its input maps linearly
 
 
 @dataclass
@@ -268,8 +300,11 @@ def _conv_rule(m: nn.Conv2d, in_shape: torch.Size, out_shape: torch.Size) -> _Ru
         return F.conv2d(win, m.weight, m.bias, s, 0, d, m.groups)
 
     macs = m.out_channels * (m.in_channels // m.groups) * k[0] * k[1]
-    return _window_rule(run, k, s, d, (top, bottom, left, right), 0.0, macs, in_shape, out_shape,
+    rule = _window_rule(run, k, s, d, (top, bottom, left, right), 0.0, macs, in_shape, out_shape,
                         "Conv2d")
+    if rule.window is not None:
+        rule.window.weight, rule.window.groups = m.weight, m.groups
+    return rule
 
 
 def _window_rule(fn: Callable[[torch.Tensor], torch.Tensor], k: tuple[int, int],
@@ -362,6 +397,18 @@ def _module_macs(m: nn.Module, out_shape: torch.Size | None) -> int:
     return 0
 
 
+# Positions per pass are capped so that the largest recomputed box of a pass stays about this
+# size: element-wise passes over larger batches run from main memory (measured: EfficientNet-Lite0
+# ran 20-30% faster at 16 positions a pass than at 64; ResNet-18 the same from 16 to 64).
+CHUNK_BYTES = 4 << 20
+# Convolutions with fewer multiply-adds per output value (depthwise ones) are memory-bound: the
+# extra passes of the low-precision change path cost more than the faster arithmetic saves.
+LOW_PRECISION_MIN_MACS = 128
+# Krypton's threshold leaves maps smaller than this alone: on the last, smallest maps a patch's
+# change reaches the whole map (measured: above 10% of its peak on 90-100% of the rows of
+# ResNet-18's and EfficientNet-Lite0's 7x7 maps), so cutting there loses most of the accuracy
+# (tau=0.5 on every map: heat-map SSIM 0.93-0.94; maps of 8 or more only: 0.99).
+TAU_MIN_SIZE = 8
 MAX_PROBED_PAD = 32  # larger size changes are not padding (an upsampler, say): skip the search
 
 
@@ -431,6 +478,12 @@ class IncrementalEngine:
         self._modules: dict[str, nn.Module] = {}
         self._fill_key: tuple[int, int, int] | None = None
         self._fill_flat = torch.empty(0)
+        self._low: torch.dtype | None = None  # set by ApproximateEngine: convolve changes in it
+        self._low_weights: dict[int, torch.Tensor] = {}
+        self._output_of: dict[fx.Node, fx.Node] = {}  # conv -> the BatchNorm folded into it
+        self._cl_cache: dict[fx.Node, torch.Tensor] = {}
+        self._chunk: int | None = None  # positions per pass, set on the first call
+        self._centre: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         with torch.no_grad():
             self._build()
 
@@ -522,7 +575,8 @@ class IncrementalEngine:
                       m: nn.Conv2d = conv) -> torch.Tensor:
                 return F.conv2d(t, w, b, m.stride, m.padding, m.dilation, m.groups)
 
-            spec.fn, spec.whole = fused, whole
+            spec.fn, spec.whole, spec.weight = fused, whole, weight
+            self._output_of[source] = node
             self.rules[node] = _Rule("alias", dense_macs=rule.dense_macs)
 
     def _log_fallbacks(self) -> None:
@@ -675,6 +729,12 @@ class IncrementalEngine:
         rows of half-open pixel ranges."""
         if self.graph is None:
             return self._plain(boxes, fill)
+        if self._chunk is None:
+            self._chunk = self.chunk_size(boxes[0])
+        if len(boxes) > self._chunk:
+            return torch.cat([self(boxes[i:i + self._chunk], fill)
+                              for i in range(0, len(boxes), self._chunk)])
+        self._set_centre(boxes)
         modules = self._modules
         env: dict[fx.Node, Any] = {}
         for node, rule in self.rules.items():
@@ -723,26 +783,35 @@ class IncrementalEngine:
                                lambda n: self._view(n, env[n], region))
         return Patch(_call(node, modules, *args), region)
 
+    def _set_centre(self, boxes: torch.Tensor) -> None:
+        """Patch centres of ``boxes`` as fractions of the image: where ``tau`` centres its cut."""
+        _, _, height, width = self.x.shape
+        self._centre = ((boxes[:, 0] + boxes[:, 2]).double() / (2 * height),
+                        (boxes[:, 1] + boxes[:, 3]).double() / (2 * width))
+
     def _union(self, regions: list[Region], shape: torch.Size) -> Region:
         y0 = torch.stack([r.y0 for r in regions]).amin(0)
         y1 = torch.stack([r.y1 for r in regions]).amax(0)
         x0 = torch.stack([r.x0 for r in regions]).amin(0)
         x1 = torch.stack([r.x1 for r in regions]).amax(0)
-        y0, y1 = _cap(y0, y1, shape[2], self.tau)
-        x0, x1 = _cap(x0, x1, shape[3], self.tau)
+        y0, y1 = _cap(y0, y1, shape[2], self.tau, self._centre[0])
+        x0, x1 = _cap(x0, x1, shape[3], self.tau, self._centre[1])
         return Region(y0, y1, x0, x1, shape[2], shape[3])
 
     def _out_region(self, spec: _Window, reg: Region, shape: torch.Size) -> Region:
         top, _, left, _ = spec.pads
         y0, y1 = _window_axis(reg.y0, reg.y1, top, spec.kernel[0], spec.stride[0],
-                              spec.dilation[0], shape[2], self.tau)
+                              spec.dilation[0], shape[2], self.tau, self._centre[0])
         x0, x1 = _window_axis(reg.x0, reg.x1, left, spec.kernel[1], spec.stride[1],
-                              spec.dilation[1], shape[3], self.tau)
+                              spec.dilation[1], shape[3], self.tau, self._centre[1])
         return Region(y0, y1, x0, x1, shape[2], shape[3])
 
     def _window(self, node: fx.Node, spec: _Window, patch: Patch, source: fx.Node) -> Patch:
         shape = self.cache[node].shape
         out = self._out_region(spec, patch.region, shape)
+        if self._low is not None and spec.weight is not None \
+                and spec.weight[0].numel() >= LOW_PRECISION_MIN_MACS:
+            return self._window_change(node, spec, patch, source, out)
         reg = patch.region
         if spec.whole is not None and reg.h == reg.height and reg.w == reg.width:
             # the patch already spans the whole map: run the layer itself, no gather
@@ -756,7 +825,79 @@ class IncrementalEngine:
                       patch, (spec.pads[0], spec.pads[2]))
         return Patch(spec.fn(win), out)
 
+    def _window_change(self, node: fx.Node, spec: _Window, patch: Patch, source: fx.Node,
+                       out: Region) -> Patch:
+        """A convolution over ``out`` computed from its input's change: conv(x + d) = conv(x) +
+        conv_without_bias(d), with the change d in low precision (float32 accumulation) and the
+        cached output in full precision, so the rounding error scales with the change, not the
+        activations."""
+        reg = patch.region
+        key = id(spec)
+        if key not in self._low_weights:
+            self._low_weights[key] = spec.weight.detach().to(self._low)
+        weight = self._low_weights[key]
+        cached_out = self._channels_last(self._output_of.get(node, node))
+        top, bottom, left, right = spec.pads
+        if reg.h == reg.height and reg.w == reg.width:  # the whole map: no gathers
+            change = (patch.values - self._channels_last(source)).to(self._low)
+            if (top, left) == (bottom, right):
+                delta = F.conv2d(change, weight, None, spec.stride, (top, left), spec.dilation,
+                                 spec.groups)
+            else:
+                delta = F.conv2d(F.pad(change, (left, right, top, bottom)), weight, None,
+                                 spec.stride, 0, spec.dilation, spec.groups)
+            out.cy, out.cx = torch.zeros_like(out.cy), torch.zeros_like(out.cx)
+            out.h, out.w = cached_out.shape[2], cached_out.shape[3]
+            return Patch(delta.float() + cached_out, out)
+        base, width = self._base(source)
+        old = _gather(base, width, reg.cy, reg.cx, reg.h, reg.w)
+        change = Patch((patch.values - old).to(self._low), reg)
+        rh = (out.h - 1) * spec.stride[0] + spec.dilation[0] * (spec.kernel[0] - 1) + 1
+        rw = (out.w - 1) * spec.stride[1] + spec.dilation[1] * (spec.kernel[1] - 1) + 1
+        win = _scatter(out.cy * spec.stride[0], out.cx * spec.stride[1], rh, rw, change,
+                       (top, left))
+        delta = F.conv2d(win, weight, None, spec.stride, 0, spec.dilation, spec.groups)
+        base, width = self._base(self._output_of.get(node, node))
+        return Patch(delta.float() + _gather(base, width, out.cy, out.cx, out.h, out.w), out)
+
+    def _channels_last(self, node: fx.Node) -> torch.Tensor:
+        """The cached output of ``node`` in channels-last memory, the layout of the patches
+        (element-wise ops between mixed layouts are several times slower)."""
+        if node not in self._cl_cache:
+            self._cl_cache[node] = self.cache[node].contiguous(memory_format=torch.channels_last)
+        return self._cl_cache[node]
+
     # -- cost model ----------------------------------------------------------------------------
+
+    def _regions(self, boxes: torch.Tensor
+                 ) -> Iterator[tuple[fx.Node, _Rule, Region | None]]:
+        """Each input-dependent node with the changed boxes of ``boxes`` on its output (None
+        where it is computed in full), without computing any values."""
+        regions: dict[fx.Node, Region | None] = {}
+        _, _, height, width = self.x.shape
+        self._set_centre(boxes)
+        for node, rule in self.rules.items():
+            if rule.kind == "const":
+                continue
+            out = self.cache[node]
+            ins = [regions.get(n) for n in node.all_input_nodes if n in regions]
+            if rule.kind == "input":
+                region = Region(boxes[:, 0], boxes[:, 2], boxes[:, 1], boxes[:, 3], height, width)
+            elif rule.kind in ("dense", "output") or any(r is None for r in ins) or not ins:
+                region = None
+            elif rule.kind == "window":
+                region = self._out_region(rule.window, ins[0], out.shape)
+            elif rule.kind == "pad":
+                top, _, left, _ = rule.pads
+                r = ins[0]
+                region = Region(r.y0 + top, r.y1 + top, r.x0 + left, r.x1 + left,
+                                out.shape[2], out.shape[3])
+            elif rule.kind in ("pointwise", "alias"):
+                region = ins[0]
+            else:
+                region = self._union(ins, out.shape)
+            regions[node] = region
+            yield node, rule, region
 
     def flop_ratio(self, boxes: torch.Tensor) -> float:
         """Krypton's theoretical speed-up: full-network multiply-adds of conv and linear layers
@@ -764,36 +905,28 @@ class IncrementalEngine:
         position's changed boxes (layers after a global one count in full)."""
         if self.graph is None:
             return 1.0
-        full = 0
+        full = sum(rule.dense_macs for rule in self.rules.values())
         incremental = torch.zeros(len(boxes), dtype=torch.float64)
-        regions: dict[fx.Node, Region | None] = {}
-        _, _, height, width = self.x.shape
-        for node, rule in self.rules.items():
-            out = self.cache[node]
-            full_macs = rule.dense_macs
-            full += full_macs
-            if rule.kind == "const":
-                continue
-            ins = [regions.get(n) for n in node.all_input_nodes if n in regions]
-            if rule.kind == "input":
-                regions[node] = Region(boxes[:, 0], boxes[:, 2], boxes[:, 1], boxes[:, 3],
-                                       height, width)
-            elif rule.kind in ("dense", "output") or any(r is None for r in ins) or not ins:
-                regions[node] = None
-                incremental += full_macs
+        for _, rule, region in self._regions(boxes):
+            if region is None:
+                incremental += rule.dense_macs
             elif rule.kind == "window":
-                regions[node] = self._out_region(rule.window, ins[0], out.shape)
-                incremental += rule.window.macs_per_pixel * regions[node].area().double()
-            elif rule.kind == "pad":
-                top, _, left, _ = rule.pads
-                r = ins[0]
-                regions[node] = Region(r.y0 + top, r.y1 + top, r.x0 + left, r.x1 + left,
-                                       out.shape[2], out.shape[3])
-            elif rule.kind in ("pointwise", "alias"):
-                regions[node] = ins[0]
-            else:
-                regions[node] = self._union(ins, out.shape)
+                incremental += rule.window.macs_per_pixel * region.area().double()
         return float(full / incremental.mean()) if full else 1.0
+
+    def chunk_size(self, box: torch.Tensor) -> int:
+        """Positions per pass: as many as keep the largest recomputed box within ``CHUNK_BYTES``
+        (the cache), measured on a patch of ``box``'s size (y0, x0, y1, x1) at the centre."""
+        _, _, height, width = self.x.shape
+        h, w = int(box[2] - box[0]), int(box[3] - box[1])
+        y0, x0 = (height - h) // 2, (width - w) // 2
+        largest = 1
+        for node, _, region in self._regions(torch.tensor([[y0, x0, y0 + h, x0 + w]])):
+            value = self.cache[node]
+            if region is not None and isinstance(value, torch.Tensor) and value.dim() == 4:
+                largest = max(largest, value.shape[1] * region.h * region.w
+                              * value.element_size())
+        return max(1, CHUNK_BYTES // largest)
 
 
 def _call(node: fx.Node, modules: dict[str, nn.Module], args: tuple, kwargs: dict) -> Any:
@@ -827,94 +960,123 @@ def _unalias(node: fx.Node, modules: dict[str, nn.Module], args: tuple) -> tuple
 # Approximate occlusion
 
 
-def _coarse_index(n: int, factor: int) -> torch.Tensor:
-    """Every ``factor``-th index of 0..n-1, always including the last one."""
-    index = list(range(0, n, factor))
-    if index[-1] != n - 1:
-        index.append(n - 1)
-    return torch.tensor(index, dtype=torch.long)
+CROSS = ((-1, 0), (1, 0), (0, -1), (0, 1))
 
 
-def _interp_axis(values: torch.Tensor, index: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    """Linear interpolation along ``dim`` from samples at ``index`` to all positions 0..n-1."""
-    if len(index) == 1:
-        return values.index_select(dim, torch.zeros(n, dtype=torch.long))
-    fine = torch.arange(n)
-    seg = (torch.searchsorted(index, fine, right=True) - 1).clamp(0, len(index) - 2)
-    lo, hi = index[seg], index[seg + 1]
-    t = ((fine - lo).double() / (hi - lo).double()).to(values.dtype)
-    shape = [1] * values.dim()
-    shape[dim] = n
-    t = t.view(shape)
-    return values.index_select(dim, seg) * (1 - t) + values.index_select(dim, seg + 1) * t
+def _neighbours(values: torch.Tensor, known: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Over the known 4-neighbours of every cell of a (gh, gw, ...) grid: the mean of ``values``
+    (gh, gw, ...), and the max and min of ``values[..., 0]`` (gh, gw); cells without a known
+    neighbour get 0, -inf and inf."""
+    gh, gw = known.shape
+    total = torch.zeros_like(values)
+    count = torch.zeros(gh, gw, dtype=values.dtype)
+    high = torch.full((gh, gw), -math.inf, dtype=values.dtype)
+    low = torch.full((gh, gw), math.inf, dtype=values.dtype)
+    for dy, dx in CROSS:
+        r0, r1, c0, c1 = max(0, -dy), min(gh, gh - dy), max(0, -dx), min(gw, gw - dx)
+        if r0 >= r1 or c0 >= c1:
+            continue
+        near = values[r0 + dy:r1 + dy, c0 + dx:c1 + dx]
+        ok = known[r0 + dy:r1 + dy, c0 + dx:c1 + dx]
+        first = near.reshape(r1 - r0, c1 - c0, -1)[..., 0]
+        total[r0:r1, c0:c1] += near * ok.view(*ok.shape, *[1] * (values.dim() - 2))
+        count[r0:r1, c0:c1] += ok
+        high[r0:r1, c0:c1] = torch.where(ok, torch.maximum(high[r0:r1, c0:c1], first),
+                                         high[r0:r1, c0:c1])
+        low[r0:r1, c0:c1] = torch.where(ok, torch.minimum(low[r0:r1, c0:c1], first),
+                                        low[r0:r1, c0:c1])
+    mean = total / count.clamp(min=1).view(gh, gw, *[1] * (values.dim() - 2))
+    return mean, high, low
 
 
 def drill_down(evaluate: Callable[[torch.Tensor], torch.Tensor], grid: tuple[int, int],
-               target: int, coarse_factor: int = 2, top_r: float = 0.25
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Krypton's adaptive drill-down over a (gh, gw) grid of positions (row-major).
+               target: int, tolerance: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive drill-down over a (gh, gw) grid of positions (row-major), decided by the map.
 
-    ``evaluate(indices) -> logits (n, K)`` computes positions exactly. The coarse grid (every
-    ``coarse_factor``-th row and column, plus the last) is evaluated and linearly interpolated;
-    then the ``top_r`` fraction of all positions with the largest interpolated score drop (lowest
-    target score) among the rest is evaluated too. Returns logits (P, K) and the evaluated indices.
+    ``evaluate(indices) -> logits (n, K)`` computes positions exactly. Half the positions, a
+    checkerboard, are evaluated first; each other position is estimated as the mean of its
+    evaluated 4-neighbours' logits, and evaluated exactly when the target probability varies
+    across those neighbours by more than ``tolerance`` times the range of the probabilities
+    evaluated so far (an edge or a peak of the heat map passes there). A checkerboard keeps every
+    estimate one step from a sample on each side, which a coarse grid (every other row and
+    column) does not. Returns logits (P, K) and the evaluated indices (sorted).
     """
     gh, gw = grid
-    rows, cols = _coarse_index(gh, coarse_factor), _coarse_index(gw, coarse_factor)
-    coarse = (rows[:, None] * gw + cols[None, :]).reshape(-1)
-    coarse_logits = evaluate(coarse)
-    k = coarse_logits.shape[1]
-    sampled = coarse_logits.reshape(len(rows), len(cols), k)
-    logits = _interp_axis(_interp_axis(sampled, rows, gh, 0), cols, gw, 1).reshape(gh * gw, k)
-    logits[coarse] = coarse_logits
-    rest = torch.ones(gh * gw, dtype=torch.bool)
-    rest[coarse] = False
-    candidates = rest.nonzero().squeeze(1)
-    count = min(len(candidates), round(top_r * gh * gw))
-    order = torch.argsort(logits[candidates, target], stable=True)
-    fine = candidates[order[:count]].sort().values
-    if count:
-        logits[fine] = evaluate(fine)
-    return logits, torch.cat([coarse, fine]).sort().values
+    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    known = (rows + cols) % 2 == 0
+    first = known.reshape(-1).nonzero().squeeze(1)
+    first_logits = evaluate(first)
+    logits = torch.zeros(gh * gw, first_logits.shape[1], dtype=first_logits.dtype)
+    logits[first] = first_logits
+    prob = torch.zeros(gh * gw, dtype=torch.float64)
+    prob[first] = torch.softmax(first_logits.double(), dim=1)[:, target]
+    grid_logits = logits.view(gh, gw, -1)
+    mean, high, low = _neighbours(torch.cat([prob.view(gh, gw, 1), grid_logits.double()], 2),
+                                  known)
+    scale = float(prob[first].max() - prob[first].min())
+    rest = ~known
+    grid_logits[rest] = mean[..., 1:][rest].to(logits.dtype)
+    refine = (rest & (high - low > tolerance * scale)).reshape(-1).nonzero().squeeze(1)
+    if len(refine):
+        logits[refine] = evaluate(refine)
+    return logits, torch.cat([first, refine]).sort().values
+
+
+def low_precision_supported() -> bool:
+    """Whether this CPU runs bfloat16 convolutions natively (AVX512-BF16 or AMX); elsewhere
+    they are emulated and slower than float32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class ApproximateEngine(IncrementalEngine):
-    """Krypton's approximate occlusion: projective-field threshold ``tau`` plus adaptive
-    drill-down (``coarse_factor``, ``top_r``; see :func:`drill_down`).
+    """Approximate occlusion: adaptive drill-down (``tolerance``, see :func:`drill_down`),
+    Krypton's projective-field threshold ``tau`` (see ``_cap``) and convolutions of the patch's
+    change in bfloat16 (``low_precision``).
 
-    ``occlusion`` calls :meth:`grid_logits`; called directly with boxes it applies only ``tau``.
-    After a run, ``evaluated`` holds the indices of the positions that were computed.
+    ``low_precision`` uses conv(x + d) = conv(x) + conv(d) - bias: only the change d is rounded,
+    so the error scales with the change (about 1% of the score range measured on ResNet-18,
+    VGG-11 and EfficientNet-Lite0; heat-map SSIM 0.9998) and the dense convolutions run at
+    bfloat16 speed (about twice float32 on CPUs with native bfloat16; ignored where it is not
+    native, and for depthwise convolutions, which are memory-bound).
+
+    Defaults (``DEFAULTS``) were chosen on ResNet-18 and VGG-11 (random weights: rough maps) and
+    EfficientNet-Lite0 (pretrained), 224x224, window 16, stride 8: heat-map SSIM 0.92-0.95 against
+    exact occlusion, 0.49-0.84 of the positions evaluated. ``tau=None`` and ``tolerance=None``
+    turn the two approximations off.
+
+    ``occlusion`` calls :meth:`grid_logits`; called directly with boxes it applies only ``tau``
+    and ``low_precision``. After a run, ``evaluated`` holds the indices of the positions that
+    were computed.
     """
 
-    DEFAULTS = {"tau": 0.9, "coarse_factor": 2, "top_r": 0.3}
+    DEFAULTS: dict[str, Any] = {"tolerance": 0.2, "tau": 0.4, "low_precision": True}
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, tau: float | None = 0.9,
-                 coarse_factor: int = 2, top_r: float = 0.3) -> None:
-        if coarse_factor < 1 or int(coarse_factor) != coarse_factor:
-            raise PipelineError(f"Krypton coarse_factor must be a positive integer, got "
-                                f"{coarse_factor}. Fix: use e.g. coarse_factor=2 (1 disables "
-                                "drill-down).")
-        if not 0 <= top_r <= 1:
-            raise PipelineError(f"Krypton top_r must be in [0, 1], got {top_r}. Fix: use e.g. "
-                                "top_r=0.25.")
+    def __init__(self, model: nn.Module, x: torch.Tensor, tolerance: float | None = 0.2,
+                 tau: float | None = 0.4, low_precision: bool = True) -> None:
+        if tolerance is not None and not tolerance >= 0:
+            raise PipelineError(f"Approximate occlusion tolerance must be >= 0 (or None to "
+                                f"evaluate every position), got {tolerance}. Fix: use e.g. "
+                                "tolerance=0.2.")
         super().__init__(model, x, tau)
-        self.coarse_factor = int(coarse_factor)
-        self.top_r = float(top_r)
+        self.tolerance = None if tolerance is None else float(tolerance)
+        if low_precision and (x.device.type != "cpu" or low_precision_supported()):
+            self._low = torch.bfloat16
+        self.low_precision = self._low is not None  # whether the bfloat16 path is active
         self.evaluated = torch.zeros(0, dtype=torch.long)
 
     def grid_logits(self, boxes: torch.Tensor, grid: tuple[int, int], fill: torch.Tensor,
                     target: int, batch_size: int) -> torch.Tensor:
-        """Logits (P, K) for every position of the grid, most of them interpolated."""
+        """Logits (P, K) for every position of the grid, some of them estimated."""
         def evaluate(index: torch.Tensor) -> torch.Tensor:
             chosen = boxes[index]
             return torch.cat([self(chosen[i:i + batch_size], fill)
                               for i in range(0, len(chosen), batch_size)])
 
-        if self.coarse_factor == 1:
+        if self.tolerance is None:
             self.evaluated = torch.arange(len(boxes))
             return evaluate(self.evaluated)
-        logits, self.evaluated = drill_down(evaluate, grid, target, self.coarse_factor,
-                                            self.top_r)
+        logits, self.evaluated = drill_down(evaluate, grid, target, self.tolerance)
         return logits
 
 

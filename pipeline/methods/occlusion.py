@@ -156,7 +156,7 @@ def resolve_engine(engine: str | Engine | None, model: nn.Module, x: torch.Tenso
                    **options: float) -> Engine:
     """An engine callable from a name ("plain", "incremental", "approximate"), a callable or None.
 
-    ``options`` go to the approximate engine (``tau``, ``coarse_factor``, ``top_r``).
+    ``options`` go to the approximate engine (``tolerance``, ``tau``, ``low_precision``).
     """
     if options and engine != "approximate":
         raise PipelineError(f"Occlusion options {sorted(options)} apply only to "
@@ -201,10 +201,11 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: int,
               **engine_options: float) -> OcclusionResult:
     """Occlusion maps of ``model`` for image ``x`` (1, C, H, W) and class ``target``.
 
-    ``engine`` is "plain" (default), "incremental" (exact, Krypton), "approximate" (Krypton's
-    projective-field threshold and coarse-to-fine drill-down; ``engine_options`` tune it) or a
-    callable ``(boxes, fill) -> logits``. An engine with a ``grid_logits`` method chooses which
-    positions to evaluate itself (the approximate engine does).
+    ``engine`` is "plain" (default), "incremental" (exact, Krypton), "approximate" (adaptive
+    drill-down, Krypton's projective-field threshold and a bfloat16 change path;
+    ``engine_options`` tune it) or a callable ``(boxes, fill) -> logits``. An engine with a
+    ``grid_logits`` method chooses which positions to evaluate itself (the approximate engine
+    does).
     """
     if x.dim() != 4 or x.shape[0] != 1:
         raise PipelineError(f"Occlusion takes one image shaped (1, C, H, W), got {tuple(x.shape)}. "

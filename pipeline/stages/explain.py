@@ -40,6 +40,7 @@ from pipeline.methods.cam import (GapHead, GapLocalizer, cam, cam_box, find_gap_
 from pipeline.methods.gradcam import gradcam
 from pipeline.methods.hooks import forward_until, require_conv_output
 from pipeline.methods.metrics import box_iou, center_map, deletion, insertion, pointing_game
+from pipeline.methods.krypton import ApproximateEngine, low_precision_supported
 from pipeline.methods.occlusion import ENGINES, FILLS, resolve_engine, occlusion
 from pipeline.methods.saliency import saliency
 from pipeline.methods.segmentation import fraction_mask, grabcut_mask, quantile_mask
@@ -510,7 +511,13 @@ class Explainer:
         if params["fill"] == "blur":
             params["blur_sigma"] = float(ocfg.blur_sigma)
         options = _plain(ocfg.approximate) if engine == "approximate" else {}
-        params["mode"] = {"approximate": options} if engine == "approximate" else "exact"
+        if engine == "approximate":
+            # the bfloat16 change path runs only where it is native, so the key says whether it ran
+            wanted = options.get("low_precision", ApproximateEngine.DEFAULTS["low_precision"])
+            native = self.ctx.device.type != "cpu" or low_precision_supported()
+            params["mode"] = {"approximate": {**options, "low_precision": bool(wanted) and native}}
+        else:
+            params["mode"] = "exact"
         return {"engine": engine, "params": params, "options": options, "batch_size": int(ocfg.batch_size)}
 
     def _setup_segmentation(self) -> dict[str, Any]:
