@@ -103,16 +103,19 @@ def scan(paths: Iterable[str | Path], cache: Cache | None, scope: str | Path
     return good, quarantine
 
 
+def _clutter_params(cfg: Any) -> ClutterParams:
+    return ClutterParams(**{k: cfg[k] for k in ClutterParams.__dataclass_fields__ if k in cfg})
+
+
 def clutter_key(cfg: Any) -> str:
     """The clutter-digits dataset's key: generation is a pure function of its parameters, so they
     identify its content (and the key is known without reading the dataset)."""
-    p = ClutterParams(**{k: cfg[k] for k in ClutterParams.__dataclass_fields__ if k in cfg})
-    return make_key(kind="data", name="clutter_digits", version=DATA_VERSION, params=p.__dict__)
+    return make_key(kind="data", name="clutter_digits", version=DATA_VERSION, params=_clutter_params(cfg).__dict__)
 
 
 def _clutter(cfg: Any, cache: Cache) -> DatasetBundle:
     """Generate (once, cached by parameters) and return the clutter-digits dataset."""
-    p = ClutterParams(**{k: cfg[k] for k in ClutterParams.__dataclass_fields__ if k in cfg})
+    p = _clutter_params(cfg)
     key = clutter_key(cfg)
     folder = cache.get("data", key)
     if folder is None:
