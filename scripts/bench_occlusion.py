@@ -161,7 +161,8 @@ def main() -> None:
                         help="Captum perturbations_per_eval (its default is 1)")
     parser.add_argument("--tolerance", type=float,
                         default=ApproximateEngine.DEFAULTS["tolerance"],
-                        help="approximate drill-down tolerance (negative: evaluate every position)")
+                        help="approximate drill-down tolerance: refine where neighbours differ "
+                             "by more than tolerance x fit x range (negative: every position)")
     parser.add_argument("--low-precision", type=int, choices=(0, 1),
                         default=int(ApproximateEngine.DEFAULTS["low_precision"]),
                         help="approximate engine: convolve changes in bfloat16 (1) or not (0)")

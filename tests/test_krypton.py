@@ -20,6 +20,7 @@ from pipeline.methods.krypton import (
     IncrementalEngine,
     _window_axis,
     drill_down,
+    interpolation_fit,
     low_precision_supported,
     theoretical_flop_ratio,
 )
@@ -333,6 +334,28 @@ def test_approximate_without_approximation_is_exact() -> None:
     torch.testing.assert_close(same.score_drop, exact.score_drop, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("make", [TinySequential, TinyResidual, TinyDepthwise])
+@pytest.mark.parametrize("tau", [None, 0.3])
+def test_planned_boxes_give_the_same_logits(make: type[nn.Module], tau: float | None) -> None:
+    """Boxes worked out once for every position (``plan``) and indexed per batch give the same
+    logits as boxes worked out per batch; boxes outside the plan are still worked out."""
+    torch.manual_seed(0)
+    model = _randomize_bn(make())
+    x = torch.randn(1, 3, 32, 32)
+    boxes, _ = occlusion_boxes(32, 32, 8, 4)
+    fill = make_fill(x, "mean")
+    subset = boxes[torch.randperm(len(boxes), generator=torch.Generator().manual_seed(1))[:20]]
+    unplanned = IncrementalEngine(model, x, tau)(subset, fill)
+    engine = IncrementalEngine(model, x, tau)
+    engine.plan(boxes)
+    assert engine._plan and engine._planned_rows(subset) is not None
+    torch.testing.assert_close(engine(subset, fill), unplanned, rtol=0, atol=0)
+    other = torch.tensor([[1, 2, 9, 10]])
+    assert engine._planned_rows(other) is None
+    torch.testing.assert_close(engine(other, fill), IncrementalEngine(model, x, tau)(other, fill),
+                               rtol=0, atol=0)
+
+
 def _smooth_detector() -> nn.Module:
     """DigitsCNN with non-negative averaging convs and a class-4 readout of the pooled features:
     its occlusion map follows the image's bright blobs, a map with structure to compare."""
@@ -369,12 +392,14 @@ def test_approximate_is_close_and_cheaper() -> None:
     assert _ssim(exact.prob, approx.prob) >= 0.9
     assert _ssim(exact.score_drop, approx.score_drop) >= 0.9
     assert not torch.allclose(exact.score_drop, approx.score_drop)
-    assert len(engine.evaluated) < 0.75 * len(exact.boxes)
+    # a smooth map: interpolation fits it, so little beyond the checkerboard (421 of 841) is run
+    assert len(engine.evaluated) < 0.55 * len(exact.boxes)
 
 
-def test_approximate_quality_on_a_rough_map() -> None:
+def test_approximate_quality_on_a_rough_map(monkeypatch: pytest.MonkeyPatch) -> None:
     """A random network's map varies from position to position: the checkerboard alone misses
-    the bar, the drill-down's refinement brings the heat map's SSIM to 0.9 or more."""
+    the bar, and so does the threshold a smooth map would get (fit 1); the threshold scaled by
+    the measured fit brings the heat map's SSIM to 0.9 or more."""
     torch.manual_seed(2)
     model = DigitsCNN().eval()
     x = torch.randn(1, 1, 64, 64)
@@ -387,6 +412,24 @@ def test_approximate_quality_on_a_rough_map() -> None:
     coarse = occlusion(model, x, target, window=8, stride=4, engine="approximate",
                        tolerance=float("inf"))
     assert _ssim(exact.prob, coarse.prob) < 0.9
+    monkeypatch.setattr(krypton, "interpolation_fit", lambda prob, known: 1.0)
+    unscaled = ApproximateEngine(model, x)
+    blind = occlusion(model, x, target, window=8, stride=4, engine=unscaled)
+    assert len(unscaled.evaluated) < len(engine.evaluated)
+    assert _ssim(exact.prob, blind.prob) < 0.9
+
+
+def test_interpolation_fit_tells_smooth_from_rough() -> None:
+    rows, cols = torch.meshgrid(torch.arange(15.0), torch.arange(15.0), indexing="ij")
+    known = (rows + cols) % 2 == 0
+    smooth = torch.exp(-((rows - 6) ** 2 + (cols - 8) ** 2) / 30.0)
+    rough = torch.rand(15, 15, generator=torch.Generator().manual_seed(0))
+    assert interpolation_fit(smooth, known) > 0.9
+    assert interpolation_fit(rough, known) < 0.2
+    assert interpolation_fit(torch.ones(15, 15), known) == 0.0
+    # the fit is measured on the known cells only: the others may hold anything
+    assert interpolation_fit(torch.where(known, smooth, rough), known) == pytest.approx(
+        interpolation_fit(smooth, known))
 
 
 def test_projective_field_threshold_is_close_and_cheaper() -> None:

@@ -204,8 +204,8 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: int,
     ``engine`` is "plain" (default), "incremental" (exact, Krypton), "approximate" (adaptive
     drill-down, Krypton's projective-field threshold and a bfloat16 change path;
     ``engine_options`` tune it) or a callable ``(boxes, fill) -> logits``. An engine with a
-    ``grid_logits`` method chooses which positions to evaluate itself (the approximate engine
-    does).
+    ``grid_logits`` method gets the whole grid at once: the approximate engine chooses which
+    positions to evaluate, the incremental one works out every position's changed boxes once.
     """
     if x.dim() != 4 or x.shape[0] != 1:
         raise PipelineError(f"Occlusion takes one image shaped (1, C, H, W), got {tuple(x.shape)}. "
