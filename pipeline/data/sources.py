@@ -179,20 +179,24 @@ def _sorted(paths: Iterable[Path]) -> list[Path]:
     return sorted(paths, key=lambda f: f.parts)
 
 
-def _listed(f: Path, exts: tuple[str, ...]) -> bool:
-    """A visible file (or a link, even a broken one, so that it is reported) with an image extension."""
-    return (f.is_file() or f.is_symlink()) and not f.name.startswith(".") and f.suffix.lower() in exts
+def _listed(f: Path | os.DirEntry, exts: tuple[str, ...]) -> bool:
+    """A visible file (or a link, even a broken one, so that it is reported) with an image extension.
+    The name is checked first; a DirEntry answers is_file() from the directory listing, no stat."""
+    return (not f.name.startswith(".") and os.path.splitext(f.name)[1].lower() in exts
+            and (f.is_file() or f.is_symlink()))
 
 
 def _imagefolder(cfg: Any, cache: Cache) -> DatasetBundle:
     """A folder of images, flat (no labels) or with one subfolder per class (ImageFolder)."""
     root = _require_dir(cfg.get("path"), "data=imagefolder")
     exts = tuple(e.lower() for e in (cfg.get("extensions") or IMAGE_EXTENSIONS))
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    with os.scandir(root) as it:
+        entries = sorted(it, key=lambda e: e.name)  # one directory read; Path order within a folder
+    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
     if classes:
         files = [(f, ci) for ci, c in enumerate(classes) for f in _sorted((root / c).rglob("*")) if _listed(f, exts)]
     else:
-        files = [(f, None) for f in _sorted(root.iterdir()) if _listed(f, exts)]
+        files = [(e.path, None) for e in entries if _listed(e, exts)]  # str: 10k Path objects cost 0.15 s
     if not files:
         raise PipelineError(f"data=imagefolder: no images with extensions {', '.join(exts)} under '{root}'. "
                             "Point data.path at a folder of images (flat or one subfolder per class).")
