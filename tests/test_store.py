@@ -66,7 +66,6 @@ def fake_layers(image_ids, layers=LAYERS) -> dict:
 
 
 def fake_predictions(chunk: pd.DataFrame) -> dict:
-    n = len(chunk)
     seed = np.array([int(s[:8], 16) for s in chunk["image_id"]], np.int64)
     ids = np.stack([(seed + j) % 10 for j in range(5)], 1).astype(np.int32)
     scores = np.sort((seed[:, None] % 97 + np.arange(5)[None]) / 500.0, 1)[:, ::-1].astype(np.float32)

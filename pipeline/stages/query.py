@@ -4,7 +4,6 @@ and of receptive-field crops around each activation's argmax (Zeiler & Fergus's 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
