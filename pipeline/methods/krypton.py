@@ -1112,6 +1112,12 @@ def low_precision_supported() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def low_precision_active(device: torch.device) -> bool:
+    """Whether the bfloat16 change path runs on ``device``: any accelerator, or a CPU with native
+    bfloat16 (the engine and the explain stage's cache key both ask this)."""
+    return device.type != "cpu" or low_precision_supported()
+
+
 class ApproximateEngine(IncrementalEngine):
     """Approximate occlusion: adaptive drill-down (``tolerance``, see :func:`drill_down`),
     Krypton's projective-field threshold ``tau`` (see ``_cap``) and convolutions of the patch's
@@ -1144,7 +1150,7 @@ class ApproximateEngine(IncrementalEngine):
                                 "tolerance=0.7.")
         super().__init__(model, x, tau)
         self.tolerance = None if tolerance is None else float(tolerance)
-        if low_precision and (x.device.type != "cpu" or low_precision_supported()):
+        if low_precision and low_precision_active(x.device):
             self._low = torch.bfloat16
         self.low_precision = self._low is not None  # whether the bfloat16 path is active
         self.evaluated = torch.zeros(0, dtype=torch.long)

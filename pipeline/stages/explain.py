@@ -40,7 +40,7 @@ from pipeline.methods.cam import (GapHead, GapLocalizer, cam, cam_box, find_gap_
 from pipeline.methods.gradcam import gradcam
 from pipeline.methods.hooks import forward_until, require_conv_output
 from pipeline.methods.metrics import box_iou, center_map, deletion, insertion, pointing_game
-from pipeline.methods.krypton import ApproximateEngine, low_precision_supported
+from pipeline.methods.krypton import ApproximateEngine, low_precision_active
 from pipeline.methods.occlusion import ENGINES, FILLS, resolve_engine, occlusion
 from pipeline.methods.saliency import saliency
 from pipeline.methods.segmentation import fraction_mask, grabcut_mask, quantile_mask
@@ -514,8 +514,8 @@ class Explainer:
         if engine == "approximate":
             # the bfloat16 change path runs only where it is native, so the key says whether it ran
             wanted = options.get("low_precision", ApproximateEngine.DEFAULTS["low_precision"])
-            native = self.ctx.device.type != "cpu" or low_precision_supported()
-            params["mode"] = {"approximate": {**options, "low_precision": bool(wanted) and native}}
+            active = bool(wanted) and low_precision_active(self.ctx.device)
+            params["mode"] = {"approximate": {**options, "low_precision": active}}
         else:
             params["mode"] = "exact"
         return {"engine": engine, "params": params, "options": options, "batch_size": int(ocfg.batch_size)}
