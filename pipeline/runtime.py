@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pipeline.cache import Cache, atomic_write_json, make_key
 from pipeline.data import DatasetBundle, load_dataset
@@ -52,6 +52,11 @@ def run_dir_from_hydra(default: Path) -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:
         return default
+
+
+def plain(value: Any) -> Any:
+    """A config node (or any value) as plain Python: dicts, lists and scalars, interpolations resolved."""
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def images_to_tensor(paths: list[str], transform: Any) -> torch.Tensor:

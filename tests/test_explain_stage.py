@@ -17,9 +17,10 @@ from torchvision import transforms as T
 from pipeline.artifacts import Tile, artifact_key, display_values, overlay, panel, read_artifact, write_artifact
 from pipeline.cache import Cache
 from pipeline.errors import PipelineError
+from pipeline.methods.segmentation import Segmentation
 from pipeline.runtime import Context
 from pipeline.stages import run_stages
-from pipeline.stages.explain import Predictions, input_box, select_images
+from pipeline.selection import Predictions, input_box, select_images
 from tests.conftest import compose_config
 
 FAST = ["explain.metrics.steps=4", "explain.occlusion.stride=16"]
@@ -103,9 +104,15 @@ def test_smoothgrad_segmentation_and_the_label_as_target(cfg) -> None:
     maps = table[table["key"].notna()]
     assert sorted(maps["method"].unique()) == ["segmentation", "smoothgrad"]
     assert (maps["target"] == maps["label"]).all() and (maps["target"] != maps["prediction"]).all()
-    assert cache["artifacts/saliency"]["misses"] == 2  # the mask is seeded by the (cached) saliency map
+    assert cache["artifacts/segmentation"]["misses"] == 2
     mask = np.load(maps.loc[maps["method"] == "segmentation", "map_path"].iloc[0])
     assert set(np.unique(mask)) <= {0.0, 1.0} and mask.any()
+    # the stored mask is the method's mask of that image, seeded by its saliency map
+    ctx = Context(cfg(["explain.target=label"]))
+    row = maps[maps["method"] == "segmentation"].iloc[0]
+    x = ctx.model.transform(Image.open(row.path).convert("RGB"))[None]
+    again = Segmentation().attribute(ctx.model.module.eval(), x, int(row.target)).maps[0].numpy()
+    np.testing.assert_array_equal(again, mask)
     seg = maps[maps["method"] == "segmentation"]
     assert seg["box_iou"].notna().all() and seg["pointing_hit"].isna().all()  # a mask has a box, not a peak
 
@@ -182,7 +189,7 @@ def test_cam_conversion_on_a_flatten_fc_model(cfg, tmp_path: Path) -> None:
     assert 0 <= conv["converted_accuracy"] <= 1 and result["original_accuracy"] == round(conv["original_accuracy"], 4)
     assert (Path(conv["folder"]) / "head.pt").is_file() and Path(conv["folder"]).parent.name == "models"
     metrics = json.loads(Path(result["metrics"]).read_text())
-    assert metrics["cam_conversion"]["converted_accuracy"] == conv["converted_accuracy"]
+    assert metrics["conversions"]["cam"]["converted_accuracy"] == conv["converted_accuracy"]
     table = pd.read_parquet(result["table"])
     meta = json.loads((Path(table["artifact_dir"].dropna().iloc[0]) / "meta.json").read_text())
     assert meta["converted"] and meta["layer"] == "features.relu4"

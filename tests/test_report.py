@@ -19,6 +19,7 @@ from PIL import Image
 from omegaconf import OmegaConf
 
 from pipeline.errors import PipelineError
+from pipeline.methods.saliency import Saliency
 from pipeline.models.digits import DigitsCNN
 from pipeline.report import build_report
 from pipeline.report import sanity as rs
@@ -76,7 +77,7 @@ def fake_run(root: Path, n_images: int = 3, methods: tuple[str, ...] = ("salienc
            "deletion_auc": 0.2, "insertion_auc": 0.6}
     (run / "explain" / "metrics.json").write_text(json.dumps(
         {"target": "predicted", "params": {"box_threshold": 0.2, "iou": 0.5},
-         "methods": {m: per for m in methods}, "targets": {"gradcam_pointing>=0.9": True}}))
+         "methods": {m: per for m in methods}}))
     vis = [{"kind": "ascent", "layer": "features.relu4", "channel": 3, "png": str(_png(cache / "v" / "a.png", 7))},
            {"kind": "deconv", "layer": "features.relu4", "channel": 3, "rank": 0, "image_id": "0" * 64,
             "png": str(_png(cache / "v" / "d.png", 8)), "patch_png": str(_png(cache / "v" / "p.png", 9))},
@@ -241,7 +242,7 @@ def test_sanity_flags_a_model_independent_method_and_passes_saliency() -> None:
     rand_ok, class_ok, reason = rs.verdict(result, 0.5, 0.95)
     assert rand_ok is False and class_ok is False and "randomised" in reason and "two classes" in reason
     assert cascade.shape == (1 + len(result["layers"]), 64, 64)
-    result, _ = rs.check(model, x, top2[:, 0], top2[:, 1], rs.method_fn("saliency", {}), ["fc", "features.conv4"], 0)
+    result, _ = rs.check(model, x, top2[:, 0], top2[:, 1], Saliency(), ["fc", "features.conv4"], 0)
     assert result["layers"] == ["fc", "features.conv4"] and result["images"] == 2
     assert rs.verdict(result, 0.5, 0.95)[:2] == (True, True)
     zero = lambda m, xx, t: torch.zeros(xx.shape[0], 64, 64)  # noqa: E731
@@ -284,7 +285,7 @@ def test_report_in_headless_chromium(tmp_path: Path) -> None:
 
 STAGE_FAST = ["explain.metrics.steps=4", "explain.occlusion.stride=16", "visualize.ascent.steps=8",
               "explain.select.random=2", "explain.select.misclassified=1", "report.sanity.images=2",
-              "report.sanity.occlusion_images=1", "report.top_k=4", "report.n_channels=2"]
+              "report.sanity.costly_images=1", "report.top_k=4", "report.n_channels=2"]
 
 
 @pytest.fixture(scope="module")

@@ -144,11 +144,15 @@ def test_smoothgrad_batches_noisy_copies_without_changing_the_result() -> None:
     for batch_size in (3, 7, 64):   # 1, 2 and 5 noisy copies of the 3 images per pass
         batched = saliency(digits, x, targets, samples=5, seed=2, batch_size=batch_size).grad
         torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-7)
-    # the same as averaging single-image input gradients over the same noise draws
-    gen = torch.Generator().manual_seed(2)
+    # the same as averaging single-image input gradients over the same noise draws: each image's
+    # copies come from its own generator, so an image's map does not depend on its batch
+    gens = [torch.Generator().manual_seed(2) for _ in range(3)]
     sigma = 0.15 * (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(-1, 1, 1, 1)
-    manual = sum(input_gradient(digits, x + sigma * torch.randn(x.shape, generator=gen), targets)
+    manual = sum(input_gradient(digits, x + sigma * torch.stack([torch.randn(x.shape[1:], generator=g)
+                                                                 for g in gens]), targets)
                  for _ in range(5)) / 5
     torch.testing.assert_close(one_by_one, manual, rtol=1e-5, atol=1e-7)
+    alone = saliency(digits, x[1:2], targets[1], samples=5, seed=2).grad
+    torch.testing.assert_close(alone, one_by_one[1:2], rtol=1e-5, atol=1e-7)
     with pytest.raises(PipelineError, match="2 target classes for 3 images"):
         saliency(digits, x, [1, 2], samples=2)

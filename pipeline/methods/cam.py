@@ -10,7 +10,7 @@ conv layer, add GAP and a new Linear trained on the pooled features (``GapLocali
 from __future__ import annotations
 
 from collections import Counter
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from scipy import ndimage
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.methods.base import Explanation, LocalizerSource, MapMethod, NotApplicable
 from pipeline.methods.hooks import (Target, check_target, forward_until, get_layer,
                                     require_conv_output, upsample)
 
@@ -276,3 +277,77 @@ def fit_gap_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
         linear.weight.copy_(w)
         linear.bias.copy_(bias - w @ mean)
     return linear
+
+
+class CAM(MapMethod):
+    """Class activation maps at the model's own GAP + linear head; on a model without one (or at
+    another layer) on a GAP localizer fitted by the stage (``convert=auto``)."""
+
+    name = "cam"
+    DEFAULTS = {"layer": None, "convert": "auto",
+                "fit": {"epochs": 100, "lr": 1.0, "weight_decay": 1e-4, "seed": 0}}  # the localizer's Linear
+    needs_hooks = True
+    description = "class activation map of a GAP + linear head (Zhou et al. 2016)"
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.localizer: nn.Module | None = None
+        self.conversion: dict[str, Any] | None = None
+        self.head: GapHead | None = None
+
+    def validate(self) -> None:
+        self._choice("convert", ("auto", "never"))
+        self.settings["fit"] = {**self.DEFAULTS["fit"], **dict(self.settings["fit"] or {})}
+
+    def prepare(self, model: nn.Module, x0: torch.Tensor, env: LocalizerSource | None = None) -> MapMethod:
+        super().prepare(model, x0, env)
+        try:
+            head: GapHead | None = find_gap_head(model, x0)
+            no_head = ""
+        except PipelineError as err:
+            head, no_head = None, str(err)
+        layer = self.settings["layer"]
+        if layer is not None:
+            layer = str(layer)
+            with torch.no_grad():
+                require_conv_output(forward_until(model, layer, x0), layer, model, "CAM")
+        if head is not None and layer in (None, head.layer):
+            self.head = head
+        elif self.settings["convert"] == "never":
+            if head is None:
+                raise NotApplicable(f"{no_head} With explain.cam.convert=auto the explain stage does this "
+                                    "conversion itself (it fits only the new linear layer).")
+            raise NotApplicable(f"explain.cam.layer={layer} is not the layer the model's GAP head reads "
+                                f"('{head.layer}'), so plain CAM does not apply there. Use explain.cam.layer=null, "
+                                f"or explain.cam.convert=auto to fit a GAP localizer at '{layer}'.")
+        else:
+            layer = layer or last_feature_map(model, x0)
+            if env is None:
+                raise NotApplicable(f"cam: {type(model).__name__} needs a GAP localizer fitted at '{layer}' "
+                                    "(it has no GAP + linear head there); run it through the explain stage, "
+                                    "which fits one, or use gradcam.")
+            self.localizer, self.conversion = env.gap_localizer(model, layer, self.settings["fit"])
+            self.head = self.localizer.head
+        self.settings["layer"] = head.layer if self.localizer is None else layer
+        return self
+
+    def key_settings(self) -> dict[str, Any]:
+        if self.head is None:
+            raise PipelineError("cam: call prepare(model, x0) before using the method.")
+        return {"layer": self.settings["layer"], "fc": self.head.fc,
+                "localizer": self.conversion["key"] if self.conversion else None}
+
+    def conversion_facts(self) -> dict[str, Any] | None:
+        return self.conversion
+
+    def sanity_note(self) -> str:
+        return ("the model has no GAP + linear head here: CAM runs on a fitted localizer, whose trunk is the "
+                "trained model" if self.localizer is not None else "")
+
+    def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:
+        if self.head is None:
+            self.prepare(model, x[:1])
+        net = self.localizer if self.localizer is not None else model
+        maps = cam(net, x, target, head=self.head)
+        info = {"layer": self.settings["layer"], "converted": self.localizer is not None}
+        return Explanation(maps, meta=[dict(info) for _ in range(x.shape[0])])

@@ -16,12 +16,15 @@ import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from pipeline.errors import PipelineError, suggest
+from pipeline.methods.base import Explanation, MapMethod
+from pipeline.methods.hooks import Target, check_target
 
 Engine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 FILLS = ("constant", "mean", "blur")
@@ -247,3 +250,70 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: int,
         base_prob=float(torch.softmax(base_logits.float(), dim=1)[0, target]),
         boxes=boxes,
     )
+
+
+class Occlusion(MapMethod):
+    """Occlusion sensitivity of each image in the batch: the target logit's drop averaged over the
+    windows covering each pixel; the probability map and the per-position grids are extras."""
+
+    name = "occlusion"
+    DEFAULTS = {"window": 16, "stride": 8, "fill": "constant", "fill_value": 0.0, "blur_sigma": 5.0,
+                "engine": "incremental", "approximate": {}}
+    OPTIONS = {"batch_size": 64}
+    many_passes = True
+    description = "score drop when a sliding patch is filled (Zeiler & Fergus 2014)"
+
+    def validate(self) -> None:
+        self._positive("window", "stride")
+        self._positive("batch_size", store=self.options)
+        self._choice("fill", FILLS)
+        self._choice("engine", ENGINES)
+        self.settings["fill_value"] = float(self.settings["fill_value"])
+        self.settings["blur_sigma"] = float(self.settings["blur_sigma"])
+        self.settings["approximate"] = dict(self.settings["approximate"] or {})
+        self.low_precision = False
+
+    def prepare(self, model: nn.Module, x0: torch.Tensor, env: Any = None) -> MapMethod:
+        super().prepare(model, x0, env)
+        if self.settings["engine"] == "approximate":
+            from pipeline.methods.krypton import ApproximateEngine, low_precision_active
+
+            wanted = self.settings["approximate"].get("low_precision", ApproximateEngine.DEFAULTS["low_precision"])
+            self.low_precision = bool(wanted) and low_precision_active(x0.device)
+        return self
+
+    def key_settings(self) -> dict[str, Any]:
+        s = self.settings
+        key: dict[str, Any] = {"window": s["window"], "stride": s["stride"], "fill": s["fill"]}
+        if s["fill"] == "constant":
+            key["fill_value"] = s["fill_value"]
+        if s["fill"] == "blur":
+            key["blur_sigma"] = s["blur_sigma"]
+        # plain and incremental give the same maps; the approximate engine's settings change them,
+        # and the bfloat16 change path runs only where it is native, so the key says whether it ran
+        key["mode"] = ({"approximate": {**s["approximate"], "low_precision": self.low_precision}}
+                       if s["engine"] == "approximate" else "exact")
+        return key
+
+    def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:
+        s = self.settings
+        with torch.no_grad():
+            t = check_target(target, model(x[:1]).shape[1], x.shape[0])
+        maps, probs, grid_drop, grid_prob, meta = [], [], [], [], []
+        options = s["approximate"] if s["engine"] == "approximate" else {}
+        for i in range(x.shape[0]):
+            xi = x[i:i + 1]
+            engine = resolve_engine(s["engine"], model, xi, **options)
+            used = "plain (fallback, see log)" if getattr(engine, "graph", True) is None else s["engine"]
+            res = occlusion(model, xi, int(t[i]), window=s["window"], stride=s["stride"], fill=s["fill"],
+                            fill_value=s["fill_value"], blur_sigma=s["blur_sigma"],
+                            batch_size=self.options["batch_size"], engine=engine)
+            maps.append(res.score_drop)
+            probs.append(res.prob)
+            grid_drop.append(res.score_drop_grid)
+            grid_prob.append(res.prob_grid)
+            meta.append({"engine": s["engine"], "engine_used": used, "base_score": res.base_score,
+                         "base_prob": res.base_prob, "positions": int(res.boxes.shape[0]),
+                         "map": "score drop (target logit) averaged over the windows covering each pixel"})
+        return Explanation(torch.stack(maps), {"prob": torch.stack(probs), "grid_score_drop": torch.stack(grid_drop),
+                                               "grid_prob": torch.stack(grid_prob)}, meta)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.methods.base import Explanation, MapMethod
 from pipeline.methods.hooks import Target, check_target
 
 
@@ -25,9 +26,10 @@ class SaliencyResult(NamedTuple):
 def input_gradient(model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor:
     """d logit[target] / d x for each image (B,C,H,W); one forward and one backward pass."""
     x = x.detach().requires_grad_(True)
-    logits = model(x)
-    t = check_target(target, logits.shape[1], x.shape[0]).to(logits.device)
-    score = logits.gather(1, t[:, None]).sum()
+    with torch.enable_grad():
+        logits = model(x)
+        t = check_target(target, logits.shape[1], x.shape[0]).to(logits.device)
+        score = logits.gather(1, t[:, None]).sum()
     (grad,) = torch.autograd.grad(score, x)
     return grad
 
@@ -38,9 +40,10 @@ def saliency(model: nn.Module, x: torch.Tensor, target: Target, samples: int = 0
 
     With ``samples > 0`` this is SmoothGrad: the gradient averaged over ``samples`` copies of each
     image with Gaussian noise whose standard deviation is ``noise`` times that image's value range,
-    drawn from a generator seeded with ``seed`` (the same noise on any device). The noisy copies go
-    through the model together, up to ``batch_size`` images per pass (as Captum's NoiseTunnel does
-    by default), which is what makes SmoothGrad cost less than ``samples`` separate passes.
+    drawn for each image from its own generator seeded with ``seed`` (so an image's map is the same
+    on any device and in any batch). The noisy copies go through the model together, up to
+    ``batch_size`` images per pass (as Captum's NoiseTunnel does by default), which is what makes
+    SmoothGrad cost less than ``samples`` separate passes.
     """
     if samples < 0 or noise < 0 or batch_size < 1:
         raise PipelineError(
@@ -52,7 +55,7 @@ def saliency(model: nn.Module, x: torch.Tensor, target: Target, samples: int = 0
         b = x.shape[0]
         flat = x.detach().flatten(1)
         sigma = (noise * (flat.amax(1) - flat.amin(1))).view(-1, *([1] * (x.dim() - 1)))
-        gen = torch.Generator().manual_seed(seed)
+        gens = [torch.Generator().manual_seed(seed) for _ in range(b)]
         t = torch.as_tensor(target).reshape(-1)
         if t.numel() not in (1, b):
             raise PipelineError(f"Got {t.numel()} target classes for {b} images; give one per "
@@ -62,8 +65,8 @@ def saliency(model: nn.Module, x: torch.Tensor, target: Target, samples: int = 0
         per_pass = max(1, batch_size // b)          # noisy copies of the whole batch per pass
         for start in range(0, samples, per_pass):
             n = min(per_pass, samples - start)
-            # one draw per copy, so the noise depends on the seed only, not on batch_size
-            eps = torch.stack([torch.randn(x.shape, generator=gen, dtype=x.dtype)
+            # copy k of image i is the k-th draw of image i's generator, whatever the batching
+            eps = torch.stack([torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in gens])
                                for _ in range(n)]).to(x.device)
             noisy = (x.detach()[None] + sigma[None] * eps).flatten(0, 1)
             grad += input_gradient(model, noisy, t.repeat(n)).view(n, *x.shape).sum(0)
@@ -75,3 +78,50 @@ def saliency_map(model: nn.Module, x: torch.Tensor, target: Target) -> torch.Ten
     """The (B,H,W) saliency map alone, in the ``(model, x, target) -> map`` form that metrics and
     sanity checks take."""
     return saliency(model, x, target).map
+
+
+class Saliency(MapMethod):
+    """Gradient saliency: max over colour channels of |d score / d x|; the signed gradient is an extra."""
+
+    name = "saliency"
+    description = "gradient of the target score, max |.| over colour channels (Simonyan et al. 2014)"
+
+    def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:
+        res = saliency(model, x, target)
+        return Explanation(res.map, {"grad": res.grad})
+
+
+class SmoothGrad(MapMethod):
+    """Saliency averaged over noisy copies of each image (Smilkov et al. 2017)."""
+
+    name = "smoothgrad"
+    version = 2  # 2: each image's noise from its own generator
+    DEFAULTS = {"samples": 25, "noise": 0.15, "seed": 0}
+    OPTIONS = {"batch_size": 64}
+    description = "saliency averaged over noisy copies (Smilkov et al. 2017)"
+
+    def validate(self) -> None:
+        self._positive("samples")
+        self._positive("batch_size", store=self.options)
+        if not isinstance(self.settings["noise"], (int, float)) or self.settings["noise"] < 0:
+            raise PipelineError(f"explain.smoothgrad.noise must be >= 0, got {self.settings['noise']!r}.")
+        self.settings["noise"] = float(self.settings["noise"])
+        self.settings["seed"] = int(self.settings["seed"])
+
+    def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:
+        s = self.settings
+        res = saliency(model, x, target, samples=s["samples"], noise=s["noise"], seed=s["seed"],
+                       batch_size=self.options["batch_size"])
+        return Explanation(res.map, {"grad": res.grad})
+
+
+class InputXGradient(MapMethod):
+    """Input times gradient (Shrikumar et al. 2016), summed over colour channels; the per-channel
+    attribution (Captum's ``InputXGradient``) is an extra."""
+
+    name = "input_x_gradient"
+    description = "input times gradient, summed over colour channels"
+
+    def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:
+        attr = x.detach() * input_gradient(model, x, target)
+        return Explanation(attr.sum(1), {"attribution": attr})

@@ -9,10 +9,16 @@ All inputs are batched: maps (B,H,W), images (B,C,H,W); masks come back as bool 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from pipeline.errors import PipelineError
+from pipeline.methods.base import Explanation, MapMethod
+from pipeline.methods.hooks import Target
+from pipeline.methods.saliency import saliency
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -102,3 +108,34 @@ def grabcut_mask(images: torch.Tensor, maps: torch.Tensor, fg_quantile: float = 
         mask = _erode(_dilate(_dilate(_erode(mask, cleanup), cleanup), cleanup), cleanup)
     valid = (fg_seed.any(1) & bg_seed.any(1)).view(b, 1, 1)
     return torch.where(valid, mask, fg_seed.view(b, h, w))
+
+
+class Segmentation(MapMethod):
+    """A foreground mask (1 = object) from the image's gradient saliency map."""
+
+    name = "segmentation"
+    DEFAULTS = {"mode": "grabcut", "fg_quantile": 0.95, "bg_quantile": 0.3, "fraction": 0.5, "quantile": 0.9}
+    USED = {"grabcut": ("fg_quantile", "bg_quantile"), "fraction": ("fraction",), "quantile": ("quantile",)}
+    description = "a foreground mask from the saliency map (GrabCut-style colour refinement or a threshold)"
+    produces_mask = True
+
+    def validate(self) -> None:
+        self._choice("mode", tuple(self.USED))
+        for k in self.USED[self.settings["mode"]]:
+            self.settings[k] = float(self.settings[k])
+            _check_fraction(f"explain.segmentation.{k}", self.settings[k])
+
+    def key_settings(self) -> dict[str, Any]:
+        mode = self.settings["mode"]
+        return {"mode": mode, **{k: self.settings[k] for k in self.USED[mode]}, "saliency": {}}
+
+    def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:
+        sal = saliency(model, x, target).map.detach().float().cpu()
+        s = self.settings
+        if s["mode"] == "grabcut":
+            mask = grabcut_mask(x.detach().cpu().float(), sal, s["fg_quantile"], s["bg_quantile"])
+        elif s["mode"] == "fraction":
+            mask = fraction_mask(sal, s["fraction"])
+        else:
+            mask = quantile_mask(sal, s["quantile"])
+        return Explanation(mask.float().to(x.device))

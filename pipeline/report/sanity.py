@@ -26,40 +26,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.methods.cam import GapHead, cam
-from pipeline.methods.gradcam import gradcam
-from pipeline.methods.occlusion import occlusion
-from pipeline.methods.saliency import saliency
 from pipeline.methods.sanity import cascading_randomization, relative_l2, spearman
 
 Method = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-MAP_METHODS = ("saliency", "smoothgrad", "gradcam", "cam", "occlusion")
 STRIP_TILE = 64
-
-
-def method_fn(name: str, settings: dict[str, Any]) -> Method:
-    """The ``(model, x, targets) -> maps (B,H,W)`` callable of a method with the explain stage's
-    settings (``layer`` for gradcam, ``head`` for cam, ``samples/noise/seed`` for smoothgrad,
-    ``window/stride/fill/fill_value/blur_sigma/batch_size`` for occlusion)."""
-    if name == "saliency":
-        return lambda m, x, t: saliency(m, x, t).map
-    if name == "smoothgrad":
-        return lambda m, x, t: saliency(m, x, t, samples=int(settings["samples"]), noise=float(settings["noise"]),
-                                        seed=int(settings["seed"])).map
-    if name == "gradcam":
-        return lambda m, x, t: gradcam(m, x, t, str(settings["layer"]))
-    if name == "cam":
-        head = GapHead(str(settings["layer"]), str(settings["fc"]))
-        return lambda m, x, t: cam(m, x, t, head=head)
-    if name == "occlusion":
-        keep = ("window", "stride", "fill", "fill_value", "blur_sigma", "batch_size")
-        opts = {k: settings[k] for k in keep if k in settings}
-
-        def occ(m: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return torch.stack([occlusion(m, x[i:i + 1], int(t[i]), engine="plain", **opts).score_drop
-                                for i in range(x.shape[0])])
-        return occ
-    raise ValueError(f"no sanity check for method {name!r}")
 
 
 def _constant(maps: torch.Tensor) -> torch.Tensor:

@@ -220,7 +220,7 @@ def _count(value: Any) -> Any:
 
 
 def metrics_section(metrics: dict[str, Any] | None) -> Section:
-    """The explanation-quality table per method (on images with ground-truth boxes) and its targets."""
+    """The explanation-quality table per method (on images with ground-truth boxes)."""
     if metrics is None:
         return Section("metrics", "Explanation quality",
                        note("No explanation metrics: stage=explain did not run in this run."))
@@ -237,16 +237,12 @@ def metrics_section(metrics: dict[str, Any] | None) -> Section:
     rows = [[m, *[_count(v.get(k)) if k == "images" else v.get(k) for k, _ in METRIC_COLUMNS]]
             for m, v in per_method.items()]
     parts.append(table(["method", *[label for _, label in METRIC_COLUMNS]], rows))
-    targets = metrics.get("targets") or {}
-    if targets:
-        parts.append(table(["target", "met"], ((k, badge(bool(v), "met", "NOT MET")) for k, v in targets.items())))
     extra = {}
-    if metrics.get("occlusion_engine"):
-        extra["occlusion engine"] = ", ".join(map(str, metrics["occlusion_engine"].get("used", [])))
-    conv = metrics.get("cam_conversion")
-    if conv:
-        extra["CAM localizer layer"] = conv.get("layer")
-        extra["localizer accuracy"] = conv.get("converted_accuracy")
+    for method, engine in (metrics.get("engines") or {}).items():
+        extra[f"{method} engine"] = ", ".join(map(str, engine.get("used", [])))
+    for method, conv in (metrics.get("conversions") or {}).items():
+        extra[f"{method} localizer layer"] = conv.get("layer")
+        extra[f"{method} localizer accuracy"] = conv.get("converted_accuracy")
         extra["original accuracy"] = conv.get("original_accuracy")
     if extra:
         parts.append(facts(extra))

@@ -21,20 +21,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 from torchvision.transforms.functional import to_pil_image
 
 from pipeline.cache import atomic_write_json, make_key
 from pipeline.errors import PipelineError, suggest
-from pipeline.methods.cam import GapHead, find_gap_head, last_feature_map
+from pipeline.methods.base import MapMethod, NotApplicable
 from pipeline.methods.hooks import get_layer
+from pipeline.methods.registry import METHODS, make_method
 from pipeline.methods.sanity import parameter_layers
 from pipeline.report import build_report
 from pipeline.report import sanity as rs
 from pipeline.report.assets import LINK_MODES
 from pipeline.report.data import (Overview, SanityResult, StoreNeuron, accuracy_tables, read_explain,
                                   read_quarantine, read_visualize)
-from pipeline.runtime import Context, images_to_tensor, model_view
+from pipeline.runtime import Context, images_to_tensor, model_view, plain
 from pipeline.store import ActivationStore
 from pipeline.views import CROP_SIZE, rf_crops
 
@@ -45,10 +46,6 @@ SANITY_KIND = "artifacts/sanity"
 CROPS_VERSION = 1
 CROPS_KIND = "artifacts/report_crops"
 STAGE_OUTPUTS = ("explain/artifacts.parquet", "visualize/index.parquet", "audit/audit.json")
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 # ------------------------------------------------------------------------------ sources ---
@@ -149,8 +146,8 @@ def store_neurons(ctx: Context, store: ActivationStore, vis: pd.DataFrame | None
     made in one pass and cached (``cache/artifacts/report_crops/``) by model, layer, units and size."""
     top_k = int(rcfg.top_k)
     out: list[StoreNeuron] = []
-    for layer in report_layers(ctx, store, _plain(rcfg.layers)):
-        channels = report_channels(store, layer, _plain(rcfg.channels), int(rcfg.n_channels), top_k, vis)
+    for layer in report_layers(ctx, store, plain(rcfg.layers)):
+        channels = report_channels(store, layer, plain(rcfg.channels), int(rcfg.n_channels), top_k, vis)
         tables = []
         for c in channels:
             t = store.topk(layer, c, k=top_k, by="max")
@@ -197,14 +194,16 @@ def layer_crops(ctx: Context, store: ActivationStore, layer: str, tables: list[t
 # ------------------------------------------------------------------------------- sanity ---
 
 def sanity_methods(ctx: Context, spec: Any) -> list[str]:
-    """Methods to check: the configured ones, or explain.methods that produce maps."""
+    """Methods to check: the configured ones, or explain.methods that produce maps (not masks)."""
     if spec is None:
-        return [m for m in dict.fromkeys(str(m) for m in ctx.cfg.explain.methods) if m in rs.MAP_METHODS]
+        return [m for m in dict.fromkeys(str(m) for m in ctx.cfg.explain.methods)
+                if m in METHODS and not METHODS[m].produces_mask]
     methods = [str(m) for m in ([spec] if isinstance(spec, str) else list(spec))]
     for m in methods:
-        if m not in rs.MAP_METHODS:
-            raise PipelineError(f"report.sanity.methods: no sanity check for {m!r}.{suggest(m, rs.MAP_METHODS)} "
-                                f"Checked methods: {', '.join(rs.MAP_METHODS)}.")
+        if m not in METHODS or METHODS[m].produces_mask:
+            ranked = [n for n, c in METHODS.items() if not c.produces_mask]
+            raise PipelineError(f"report.sanity.methods: no sanity check for {m!r}.{suggest(m, ranked)} "
+                                f"Checked methods: {', '.join(ranked)}.")
     return list(dict.fromkeys(methods))
 
 
@@ -221,36 +220,20 @@ def sanity_images(ctx: Context, source: Path, n: int) -> pd.DataFrame:
     return test.sort_values("image_id")[["image_id", "path"]].head(n).reset_index(drop=True)
 
 
-def method_settings(ctx: Context, method: str, x0: torch.Tensor, head: GapHead | None) -> tuple[dict[str, Any] | None, str]:
-    """The explain stage's settings of ``method`` (layers found as explain finds them; ``head`` is the
-    model's GAP + linear head, if any), or None and why the check does not apply."""
-    ecfg, module = ctx.cfg.explain, ctx.model.module
-    if method == "saliency":
-        return {}, ""
-    if method == "smoothgrad":
-        s = ecfg.smoothgrad
-        return {"samples": int(s.samples), "noise": float(s.noise), "seed": int(s.seed)}, ""
-    if method == "gradcam":
-        layer = ecfg.gradcam.get("layer") or (head.layer if head else last_feature_map(module, x0))
-        return {"layer": str(layer)}, ""
-    if method == "cam":
-        if head is None:
-            return None, "the model has no GAP + linear head (explain uses a fitted localizer there)"
-        if ecfg.cam.get("layer") not in (None, head.layer):
-            return None, f"explain.cam.layer={ecfg.cam.layer} is a fitted localizer, not the model's own head"
-        return {"layer": head.layer, "fc": head.fc}, ""
-    o = ecfg.occlusion
-    settings = {"window": int(o.window), "stride": int(o.stride), "fill": str(o.fill)}
-    if settings["fill"] == "constant":
-        settings["fill_value"] = float(o.fill_value)
-    if settings["fill"] == "blur":
-        settings["blur_sigma"] = float(o.blur_sigma)
-    return settings, ""
+def sanity_method(ctx: Context, name: str, x0: torch.Tensor) -> tuple[MapMethod | None, str]:
+    """Method ``name`` with the explain stage's settings, prepared on ``x0``, or None and why the
+    randomisation check does not apply to it."""
+    try:
+        method = make_method(name, plain(ctx.cfg.explain.get(name))).prepare(ctx.model.module, x0)
+    except NotApplicable as err:
+        return None, str(err)
+    note = method.sanity_note()
+    return (None, note) if note else (method, "")
 
 
 def run_sanity(ctx: Context, source: Path, scfg: DictConfig) -> tuple[list[SanityResult], str]:
     """Each method's sanity checks on a few images, cached by method, settings, model, images and layers."""
-    methods = sanity_methods(ctx, _plain(scfg.methods))
+    methods = sanity_methods(ctx, plain(scfg.methods))
     if not methods:
         return [], "No method to check: explain.methods (or report.sanity.methods) lists no map method."
     model = ctx.model
@@ -263,7 +246,7 @@ def run_sanity(ctx: Context, source: Path, scfg: DictConfig) -> tuple[list[Sanit
     x_all = images_to_tensor(images["path"].tolist(), model.transform).to(ctx.device)
     with torch.no_grad():
         top2 = module(x_all).float().topk(2, dim=1).indices.cpu()
-    spec = _plain(scfg.layers)
+    spec = plain(scfg.layers)
     layers = parameter_layers(module) if spec is None else [str(v) for v in ([spec] if isinstance(spec, str) else spec)]
     for name in layers:
         get_layer(module, name)
@@ -271,28 +254,25 @@ def run_sanity(ctx: Context, source: Path, scfg: DictConfig) -> tuple[list[Sanit
         return [], "The model has no layer with parameters to randomise."
     seed = int(scfg.seed)
     max_final, max_class = float(scfg.max_final_spearman), float(scfg.max_class_spearman)
-    try:
-        head: GapHead | None = find_gap_head(module, x_all[:1])
-    except PipelineError:
-        head = None
     results = []
-    for method in methods:
-        settings, why = method_settings(ctx, method, x_all[:1], head)
-        if settings is None:
-            results.append(SanityResult(method, "n/a", why))
+    for name in methods:
+        method, why = sanity_method(ctx, name, x_all[:1])
+        if method is None:
+            results.append(SanityResult(name, "n/a", why))
             continue
-        n = min(len(images), int(scfg.occlusion_images)) if method == "occlusion" else len(images)
+        n = min(len(images), int(scfg.costly_images)) if method.many_passes else len(images)
         ids = images["image_id"].astype(str).tolist()[:n]
-        key = make_key(kind="sanity", version=SANITY_VERSION, method=method, settings=settings, layers=layers,
-                       seed=seed, model=model.key, images=ids, targets=top2[:n].tolist())
+        settings = method.key_settings()
+        key = make_key(kind="sanity", version=SANITY_VERSION, method=name, method_version=method.version,
+                       settings=settings, layers=layers, seed=seed, model=model.key, images=ids,
+                       targets=top2[:n].tolist())
         folder = ctx.cache.get(SANITY_KIND, key, fanout=True)
         if folder is None:
-            log.info("report: sanity checks of %s on %d image(s), %d layer(s)", method, n, len(layers))
-            fn = rs.method_fn(method, {**settings, "batch_size": int(ctx.cfg.explain.occlusion.batch_size)})
+            log.info("report: sanity checks of %s on %d image(s), %d layer(s)", name, n, len(layers))
             result, cascade = rs.check(module, x_all[:n], top2[:n, 0].to(ctx.device), top2[:n, 1].to(ctx.device),
-                                       fn, layers, seed)
-            with ctx.cache.write(SANITY_KIND, key, {"method": method}, fanout=True) as tmp:
-                atomic_write_json(tmp / "sanity.json", {**result, "method": method, "settings": settings,
+                                       method, layers, seed)
+            with ctx.cache.write(SANITY_KIND, key, {"method": name}, fanout=True) as tmp:
+                atomic_write_json(tmp / "sanity.json", {**result, "method": name, "settings": settings,
                                                         "image_ids": ids, "model_key": model.key})
                 np.save(tmp / "cascade.npy", cascade)
                 rs.cascade_strip(cascade).save(tmp / "cascade.png")
@@ -301,7 +281,7 @@ def run_sanity(ctx: Context, source: Path, scfg: DictConfig) -> tuple[list[Sanit
         rand_ok, class_ok, reason = rs.verdict(result, max_final, max_class)
         status = "n/a" if rand_ok is None and class_ok is None else (
             "fail" if False in (rand_ok, class_ok) else "pass")
-        results.append(SanityResult(method, status, reason or ("" if status != "n/a" else "no usable map"),
+        results.append(SanityResult(name, status, reason or ("" if status != "n/a" else "no usable map"),
                                     images=int(result["images"]), layers=list(result["layers"]),
                                     steps=[float(v) for v in result["steps"]],
                                     final_spearman=float(result["steps"][-1]) if result["steps"] else float("nan"),

@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 from PIL import Image
 from torchvision.utils import make_grid
 
@@ -45,7 +45,7 @@ from pipeline.methods.ascent import channel, class_objective, objective_values, 
 from pipeline.methods.deconvnet import _HOOKED, deconvnet, deconvnet_explicit
 from pipeline.methods.receptive import receptive_field, unit_box
 from pipeline.models import ModelBundle
-from pipeline.runtime import Context, images_to_tensor
+from pipeline.runtime import Context, images_to_tensor, plain
 from pipeline.store.layout import layer_dirname
 
 log = logging.getLogger(__name__)
@@ -457,11 +457,6 @@ def safe_name(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ run ---
-
-def plain(value: Any) -> Any:
-    """A config value as plain Python (lists instead of ListConfig)."""
-    return OmegaConf.to_object(value) if isinstance(value, (ListConfig, DictConfig)) else value
-
 
 def run(ctx: Context) -> dict[str, Any]:
     """Write the ascent, deconv and class pictures (cached), their grids and the index table.

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.cache import atomic_write_json, make_key, read_manifest
@@ -737,6 +738,22 @@ class ActivationStore:
         """The images table (row_id, image_id, path, label, split, prediction, top5_*, true_score)."""
         return self._committed_images().to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get).astype(
             {"row_id": np.int64})
+
+    def pooled(self, layer: str, image_ids: Sequence[str]) -> np.ndarray | None:
+        """Spatial means (N,C) of ``layer`` for ``image_ids`` (the ``mean_*`` columns), in that order;
+        None when the store misses one of the images."""
+        images = self.images()
+        row_of = dict(zip(images["image_id"].astype(str), images["row_id"]))
+        if any(i not in row_of for i in image_ids):
+            return None
+        columns = [f"mean_{c}" for c in range(self.channels(layer))]
+        table = ds.dataset(self.root / layer_dirname(layer), format="parquet").to_table(columns=["row_id", *columns])
+        position = pd.Series(np.arange(table.num_rows), index=table.column("row_id").to_numpy())
+        rows = [row_of[i] for i in image_ids]
+        if not position.index.is_unique or any(r not in position.index for r in rows):
+            return None
+        idx = position.loc[rows].to_numpy()
+        return np.stack([table.column(c).to_numpy().astype(np.float32)[idx] for c in columns], axis=1)
 
     def _image_arrays(self) -> dict[str, pa.Array]:
         """row_id, image_id, path, label of every image as single-chunk Arrow arrays (cached)."""

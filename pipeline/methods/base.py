@@ -1,0 +1,206 @@
+"""The one interface every map method shares, and the base classes that own its plumbing.
+
+A method is a small class: a ``name``, a ``version`` (bumped when its output would change), its
+settings (``DEFAULTS``: exactly what enters the cache key, after :meth:`MapMethod.prepare` has
+resolved the ones that depend on the model, such as a default layer) and one batched call,
+:meth:`MapMethod.attribute` ``(model, x (B,C,H,W), target (B,)) -> Explanation`` whose ``maps``
+are (B,H,W) at the input's resolution. Knobs that change speed or memory but not the result
+(``OPTIONS``, such as a batch size) stay out of the key.
+
+:class:`LayerMethod` owns what the CAM family shares (as pytorch-grad-cam's ``BaseCAM``): the
+layer lookup, one forward (and backward) pass with the layer's output captured, the weighted
+channel sum, ReLU and the upsampling; each CAM variant overrides one function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError, suggest
+from pipeline.methods.hooks import (Target, capture, check_target, forward_until, require_conv_output,
+                                    upsample)
+
+
+class NotApplicable(PipelineError):
+    """A method that cannot run on this model; the message is one line naming why and the fix."""
+
+
+@dataclass
+class Explanation:
+    """What a method returns for a batch: ``maps`` (B,H,W), optional per-image ``extras`` (each
+    (B,...), saved beside the map) and optional per-image JSON-able ``meta`` (a list of B dicts)."""
+
+    maps: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: list[dict[str, Any]] = field(default_factory=list)
+
+
+class LocalizerSource(Protocol):
+    """What CAM asks of the stage running it when the model needs a fitted GAP localizer."""
+
+    def gap_localizer(self, model: nn.Module, layer: str, fit: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+        """The converted model (with a ``head``) at ``layer``, its Linear fitted with ``fit``, and
+        facts about the fit (with a ``key``)."""
+        ...
+
+
+def is_scripted(model: nn.Module) -> bool:
+    """Whether ``model`` is a TorchScript module (which takes no forward hooks)."""
+    return isinstance(model, torch.jit.ScriptModule)
+
+
+class MapMethod:
+    """Base of every map method: settings, validation, the batched call."""
+
+    name: ClassVar[str]
+    title: ClassVar[str] = ""                 # how people write it (Grad-CAM); defaults to the name
+    version: ClassVar[int] = 1
+    DEFAULTS: ClassVar[dict[str, Any]] = {}   # settings that change the map: the cache key
+    OPTIONS: ClassVar[dict[str, Any]] = {}    # speed/memory knobs that do not change the map
+    needs_hooks: ClassVar[bool] = False       # forward hooks: not on TorchScript modules
+    produces_mask: ClassVar[bool] = False     # a 0/1 mask, not a ranking: no curves, no sanity ranks
+    many_passes: ClassVar[bool] = False       # many forward passes per image: checks use fewer images
+    description: ClassVar[str] = ""
+
+    def __init__(self, **settings: Any) -> None:
+        known = {**self.DEFAULTS, **self.OPTIONS}
+        for key in settings:
+            if key not in known:
+                raise PipelineError(f"explain.{self.name}.{key} is not a setting of {self.name}."
+                                    f"{suggest(key, known)} Settings: {', '.join(known) or 'none'}.")
+        self.settings: dict[str, Any] = {k: settings.get(k, v) for k, v in self.DEFAULTS.items()}
+        self.options: dict[str, Any] = {k: settings.get(k, v) for k, v in self.OPTIONS.items()}
+        self.validate()
+
+    @property
+    def label(self) -> str:
+        """The method's name as people write it, for messages."""
+        return self.title or self.name
+
+    def validate(self) -> None:
+        """Check the settings (raise a PipelineError naming the setting and its valid values)."""
+
+    def prepare(self, model: nn.Module, x0: torch.Tensor, env: LocalizerSource | None = None) -> MapMethod:
+        """Resolve model-dependent settings on one example input ``x0`` (1,C,H,W) and check that the
+        method applies (a :class:`NotApplicable` otherwise). Returns ``self``."""
+        if self.needs_hooks and is_scripted(model):
+            raise NotApplicable(f"{self.label} needs forward hooks, which TorchScript modules do not take: "
+                                "load the model with model=exported (torch.export) or as an nn.Module instead.")
+        return self
+
+    def conversion_facts(self) -> dict[str, Any] | None:
+        """Facts about a model conversion the prepared method runs on (a fitted localizer), if any."""
+        return None
+
+    def sanity_note(self) -> str:
+        """Why the randomisation check does not apply to this prepared method ('' when it does)."""
+        return ""
+
+    def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:
+        """Maps (B,H,W) of ``target`` (one class per image, or one for all) for the batch ``x``."""
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor:
+        """The maps alone: the ``(model, x, target) -> maps`` form metrics and sanity checks take."""
+        return self.attribute(model, x, target).maps
+
+    def key_settings(self) -> dict[str, Any]:
+        """The settings that enter the cache key (plain JSON values)."""
+        return dict(self.settings)
+
+    def _choice(self, key: str, choices: tuple[str, ...]) -> None:
+        value = str(self.settings[key])
+        if value not in choices:
+            raise PipelineError(f"explain.{self.name}.{key}={value} is not valid.{suggest(value, choices)} "
+                                f"Use one of {', '.join(choices)}.")
+        self.settings[key] = value
+
+    def _positive(self, *keys: str, store: dict[str, Any] | None = None, integer: bool = True) -> None:
+        where = self.settings if store is None else store
+        for key in keys:
+            value = where[key]
+            ok = isinstance(value, int) and not isinstance(value, bool) if integer else isinstance(value, (int, float))
+            if not ok or value <= 0:
+                raise PipelineError(f"explain.{self.name}.{key} must be a positive "
+                                    f"{'integer' if integer else 'number'}, got {value!r}.")
+
+
+def targets_for(logits: torch.Tensor, target: Target) -> torch.Tensor:
+    """Validated per-image target classes on the logits' device."""
+    return check_target(target, logits.shape[1], logits.shape[0]).to(logits.device)
+
+
+def default_layer(model: nn.Module, x0: torch.Tensor) -> str:
+    """The layer the GAP head reads, else the last spatial feature map: where CAMs look by default."""
+    from pipeline.methods.cam import find_gap_head, last_feature_map
+
+    try:
+        return find_gap_head(model, x0).layer
+    except PipelineError:
+        return last_feature_map(model, x0)
+
+
+class LayerMethod(MapMethod):
+    """A CAM-style method at one conv layer: ``relu(sum_c w_c A_c)`` upsampled to the input, where
+    a subclass defines the weights (:meth:`weights`) or the whole low-resolution map (:meth:`cam`)."""
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {"layer": None}
+    needs_hooks = True
+    uses_gradients: ClassVar[bool] = True
+
+    def prepare(self, model: nn.Module, x0: torch.Tensor, env: LocalizerSource | None = None) -> MapMethod:
+        super().prepare(model, x0, env)
+        if self.settings["layer"] is None:
+            self.settings["layer"] = default_layer(model, x0)
+        layer = str(self.settings["layer"])
+        with torch.no_grad():
+            require_conv_output(forward_until(model, layer, x0), layer, model, self.label)
+        self.settings["layer"] = layer
+        return self
+
+    @property
+    def layer(self) -> str:
+        if self.settings["layer"] is None:
+            raise PipelineError(f"{self.label} has no layer: call prepare(model, x0) or give layer=...")
+        return str(self.settings["layer"])
+
+    def weights(self, act: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+        """Channel weights (B,C) from the layer's output and the target score's gradient there."""
+        raise NotImplementedError
+
+    def cam(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, act: torch.Tensor,
+            grad: torch.Tensor | None) -> torch.Tensor:
+        """The low-resolution map (B,h,w) before the ReLU."""
+        return torch.einsum("bc,bchw->bhw", self.weights(act, grad), act)
+
+    def activations(self, model: nn.Module, x: torch.Tensor, target: Target
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The layer's output, the gradient of the target scores there (None without gradients)
+        and the validated targets, from one forward (and backward) pass."""
+        layer = self.layer
+        if not self.uses_gradients:
+            with torch.no_grad(), capture(model, layer) as cap:
+                logits = model(x)
+            act = cap.output
+            require_conv_output(act, layer, model, self.label)
+            return act, None, targets_for(logits, target)
+        x = x.detach().requires_grad_(True)  # builds the graph even when parameters are frozen
+        with torch.enable_grad(), capture(model, layer) as cap:
+            logits = model(x)
+        act = cap.output
+        require_conv_output(act, layer, model, self.label)
+        t = targets_for(logits, target)
+        (grad,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), act, allow_unused=True)
+        if grad is None:
+            raise PipelineError(f"Layer '{layer}' does not feed the model's output; pick a layer on "
+                                "the path from the input to the logits.")
+        return act.detach(), grad, t
+
+    def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:
+        act, grad, t = self.activations(model, x, target)
+        maps = torch.relu(self.cam(model, x, t, act, grad))
+        return Explanation(upsample(maps, tuple(x.shape[-2:])))
