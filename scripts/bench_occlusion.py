@@ -31,7 +31,7 @@ from torch import nn
 from torchvision import transforms
 from torchvision.models import resnet18, vgg11
 
-from pipeline.methods.krypton import ApproximateEngine, IncrementalEngine
+from pipeline.methods.occlusion import ApproximateEngine, IncrementalEngine
 from pipeline.methods.occlusion import make_fill, occlusion, occlusion_boxes
 from pipeline.models import efficientnet_lite
 

@@ -17,6 +17,7 @@ from torchvision import transforms as T
 from pipeline.artifacts import Tile, artifact_key, display_values, overlay, panel, read_artifact, write_artifact
 from pipeline.cache import Cache
 from pipeline.errors import PipelineError
+from pipeline.methods.registry import METHODS
 from pipeline.methods.segmentation import Segmentation
 from pipeline.runtime import Context
 from pipeline.stages import run_stages
@@ -253,3 +254,12 @@ def test_input_box_follows_resize_and_centre_crop() -> None:
     assert input_box((0, 0, 10, 10), (200, 400), tf, (80, 80)) is None  # cropped away
     assert input_box((1, 2, 3, 4), (5, 5), T.Compose([T.RandomRotation(5)]), (5, 5)) is None
     assert input_box((1, 2, 3, 4), (5, 5), lambda im: torch.zeros(1, 5, 5), (5, 5)) == (1.0, 2.0, 3.0, 4.0)
+
+
+def test_methods_stage_lists_every_method_and_whether_it_applies(cfg) -> None:
+    summary = run_stages(cfg(["stage=methods", "model=digits_cnn_fc"]))["stages"]["methods"]
+    table = pd.read_csv(summary["table"]).set_index("method")
+    assert list(table.index) == list(METHODS) and summary["methods"] == len(METHODS)
+    assert table.loc["gradcam", "applies"] == "yes" and table.loc["gradcam", "settings"] == "layer=features.relu4"
+    assert table.loc["cam", "applies"].startswith("no: ") and "GAP localizer" in table.loc["cam", "applies"]
+    assert summary["applicable"] == len(METHODS) - 1

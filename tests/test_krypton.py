@@ -14,8 +14,8 @@ from torch.nn import functional as F
 from torchvision.models import resnet18, vgg11
 
 from pipeline.errors import PipelineError
-from pipeline.methods import krypton
-from pipeline.methods.krypton import (
+from pipeline.methods.occlusion import krypton
+from pipeline.methods.occlusion.krypton import (
     ApproximateEngine,
     IncrementalEngine,
     _window_axis,
@@ -261,7 +261,7 @@ def test_occlusion_switch_matches_plain() -> None:
 
 def test_unsupported_layer_falls_back_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(0)
-    with caplog.at_level(logging.INFO, logger="pipeline.methods.krypton"):
+    with caplog.at_level(logging.INFO, logger="pipeline.methods.occlusion.krypton"):
         engine = _assert_exact(ReflectNet(), torch.randn(1, 3, 24, 24), 6, 3)
     assert "ReflectionPad2d" in caplog.text
     kinds = {n.name: r.kind for n, r in engine.rules.items()}
@@ -270,7 +270,7 @@ def test_unsupported_layer_falls_back_and_logs(caplog: pytest.LogCaptureFixture)
 
 def test_overridden_forward_and_upsampling_fall_back(caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(0)
-    with caplog.at_level(logging.INFO, logger="pipeline.methods.krypton"):
+    with caplog.at_level(logging.INFO, logger="pipeline.methods.occlusion.krypton"):
         engine = _assert_exact(CustomLayers(), torch.randn(1, 3, 20, 20), 5, 3)
     assert "ShiftedConv overrides Conv2d.forward" in caplog.text
     kinds = {n.name: r.kind for n, r in engine.rules.items()}
@@ -281,7 +281,7 @@ def test_untraceable_model_uses_plain(caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(0)
     model = Untraceable().eval()
     x = torch.randn(1, 3, 16, 16)
-    with caplog.at_level(logging.INFO, logger="pipeline.methods.krypton"):
+    with caplog.at_level(logging.INFO, logger="pipeline.methods.occlusion.krypton"):
         engine = IncrementalEngine(model, x)
     assert engine.graph is None and "cannot trace" in caplog.text
     boxes, _ = occlusion_boxes(16, 16, 4, 4)

@@ -15,7 +15,7 @@ from pipeline.audit import AuditFailed
 from pipeline.errors import PipelineError, suggest
 from pipeline.runtime import Context
 
-STAGES = ("train", "layers", "extract", "index", "query", "explain", "visualize", "report", "audit")
+STAGES = ("train", "layers", "methods", "extract", "index", "query", "explain", "visualize", "report", "audit")
 
 
 def stage_names(cfg: DictConfig) -> list[str]:

@@ -43,7 +43,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.errors import PipelineError
-from pipeline.methods.occlusion import PlainEngine, occlusion_boxes
+from pipeline.methods.occlusion.engines import PlainEngine
+from pipeline.methods.occlusion.patches import occlusion_boxes
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,14 @@
+"""Occlusion sensitivity as one package: patches and fills (``patches``), the engine protocol and
+the plain engine (``engines``), Krypton's incremental and approximate engines (``krypton``), and
+the sliding-window method on top of them (``sliding``). Imports point one way:
+patches <- engines <- krypton <- sliding."""
+
+from pipeline.methods.occlusion.engines import Engine, PlainEngine
+from pipeline.methods.occlusion.krypton import ApproximateEngine, IncrementalEngine, low_precision_active
+from pipeline.methods.occlusion.patches import (FILLS, box_masks, gaussian_blur, make_fill, occlude,
+                                                occlusion_boxes, window_average)
+from pipeline.methods.occlusion.sliding import ENGINES, Occlusion, OcclusionResult, occlusion, resolve_engine
+
+__all__ = ["ENGINES", "FILLS", "ApproximateEngine", "Engine", "IncrementalEngine", "Occlusion", "OcclusionResult",
+           "PlainEngine", "box_masks", "gaussian_blur", "low_precision_active", "make_fill", "occlude", "occlusion",
+           "occlusion_boxes", "resolve_engine", "window_average"]

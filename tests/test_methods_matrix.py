@@ -1,0 +1,66 @@
+"""Every registered map method on every built-in kind of model: maps of the input's size, finite,
+the same twice; a method that cannot apply to a model says so in one line, before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import resnet18
+
+from pipeline.methods.base import NotApplicable
+from pipeline.methods.registry import METHODS, make_method
+from pipeline.models.digits import DigitsCNN, DigitsCNNFC
+from pipeline.models.efficientnet_lite import load_efficientnet_lite0
+
+# small settings so the whole matrix stays fast; every other setting is the method's default
+FAST = {"smoothgrad": {"samples": 2}, "integrated_gradients": {"steps": 4}, "occlusion": {"window": 32, "stride": 32},
+        "rise": {"masks": 16, "cells": 4}}
+
+
+def _scripted() -> nn.Module:
+    torch.manual_seed(0)
+    return torch.jit.script(DigitsCNN(width=8).eval())
+
+
+MODELS = {
+    "digits_cnn": (lambda: DigitsCNN(width=8), (1, 64, 64)),
+    "digits_cnn_fc": (lambda: DigitsCNNFC(width=8), (1, 64, 64)),
+    "efficientnet_lite0": (load_efficientnet_lite0, (3, 64, 64)),
+    "resnet18": (lambda: resnet18(num_classes=10), (3, 64, 64)),
+    "torchscript": (_scripted, (1, 64, 64)),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model_and_input(request: pytest.FixtureRequest) -> tuple[str, nn.Module, torch.Tensor]:
+    build, shape = MODELS[request.param]
+    torch.manual_seed(0)
+    model = build().eval()
+    return request.param, model, torch.randn(2, *shape)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_on_every_model(model_and_input, name: str) -> None:
+    model_name, model, x = model_and_input
+    method = make_method(name, FAST.get(name))
+    try:
+        method.prepare(model, x[:1])
+    except NotApplicable as err:
+        message = str(err)
+        assert "\n" not in message and len(message) < 400, message
+        # only these reasons exist: no hooks on TorchScript, no GAP head without a fitted localizer
+        assert (model_name == "torchscript" and method.needs_hooks) or (name == "cam" and model_name == "digits_cnn_fc") \
+            or "nothing to guide" in message, message
+        return
+    assert not (model_name == "torchscript" and method.needs_hooks)
+    targets = torch.tensor([1, 3])
+    first = method.attribute(model, x, targets)
+    again = method.attribute(model, x, targets)
+    assert first.maps.shape == (2, *x.shape[-2:])
+    assert torch.isfinite(first.maps).all()
+    torch.testing.assert_close(first.maps, again.maps, rtol=1e-5, atol=1e-6)
+    for extra in first.extras.values():
+        assert extra.shape[0] == 2 and torch.isfinite(extra).all()
+    assert not first.meta or len(first.meta) == 2
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
