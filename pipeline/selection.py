@@ -66,16 +66,23 @@ def adhoc_item(path: Path, reason: str) -> Item | None:
 
 
 def class_index(value: Any, names: Sequence[str], what: str) -> int:
-    """A class given by index or name, checked against ``names``."""
-    if isinstance(value, (int, np.integer)) or (isinstance(value, str) and value.lstrip("-").isdigit()):
+    """A class given by index or name (exact, else case-insensitive), checked against ``names``."""
+    names = list(names)
+    if isinstance(value, str) and value in names:
+        return names.index(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) or \
+            (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
         idx = int(value)
         if not 0 <= idx < len(names):
             raise PipelineError(f"{what}: class {idx} is out of range: the model has {len(names)} classes "
                                 f"(0..{len(names) - 1}). Pick a class index in that range or a class name.")
         return idx
-    if str(value) in names:
-        return list(names).index(str(value))
-    raise PipelineError(f"{what}: unknown class {value!r}.{suggest(str(value), names)} Give a class index "
+    lower: dict[str, int] = {}
+    for i, name in enumerate(names):
+        lower.setdefault(name.lower(), i)
+    if str(value).strip().lower() in lower:
+        return lower[str(value).strip().lower()]
+    raise PipelineError(f"{what}: unknown class name {str(value)!r}.{suggest(str(value), names)} Give a class index "
                         f"(0..{len(names) - 1}) or one of the model's class names.")
 
 

@@ -1,15 +1,20 @@
-"""Time each explanation method per image against Captum's equivalent, in the same run.
+"""Time every registered map method per image against its reference implementation, in the same run.
 
-Models: the built-in digits_cnn (1x64x64) and torchvision resnet18 (3x224x224), random init.
-Pairs: saliency vs Saliency(abs=False); smoothgrad vs NoiseTunnel(Saliency); occlusion (window 16,
-stride 8, zero fill; the explain stage's default engine, and the plain engine) vs Occlusion with the
-same window, stride, baseline and batch; gradcam vs LayerGradCam + bilinear interpolate; cam vs
-LayerGradCam + interpolate (its nearest Captum equivalent). Each pair's outputs are compared too.
+Models: EfficientNet-Lite0 (its ImageNet weights) and torchvision resnet18 (random init), both on
+scikit-image's cat photo at 224x224 through the model's own preprocessing. References: Captum for
+the gradient methods and occlusion, pytorch-grad-cam for the CAM family, and for RISE (which
+neither library has) a direct transcription of the authors' algorithm (all masks made up front,
+masked batches through the model, probabilities times masks). Each pair's outputs are compared too
+(``max_rel_diff``, on maps scaled the same way; methods with random draws are timed only).
 
-Writes ``outputs/bench/explain.json``: ``{model: {method: {"ms", "captum_ms", "speedup", ...}}}``
-with speedup = captum_ms / ms. Both sides run with the same number of torch threads (1 by default:
-on a shared 2-core machine, 2 threads make timings swing by 10x or more).
-Usage: ``python scripts/bench_explain.py [--repeats 9] [--threads 1]``.
+Per image: one image per call on both sides. Batched (``--batch``, default 32, cheap methods
+only): one call on 32 images against 32 calls of the reference.
+
+Writes ``outputs/bench/explain.json``: ``{model: {method: {"ms", "reference_ms", "speedup",
+"reference", ...}}}`` with speedup = reference_ms / ms, one entry per registered method (a method
+without a reference gets ``reference: null``). Both sides run with the same number of torch threads
+(1 by default: on a shared 2-core machine, 2 threads make timings swing).
+Usage: ``python scripts/bench_explain.py [--repeats 3] [--threads 1] [--models resnet18]``.
 """
 
 from __future__ import annotations
@@ -24,30 +29,112 @@ from pathlib import Path
 from typing import Any
 
 import captum
+import numpy as np
+import pytorch_grad_cam
 import torch
 import torchvision
-from captum.attr import LayerAttribution, LayerGradCam, NoiseTunnel, Occlusion, Saliency
+from captum.attr import (GuidedBackprop, GuidedGradCam, InputXGradient, IntegratedGradients, LayerAttribution,
+                         LayerGradCam, NoiseTunnel, Occlusion, Saliency)
+from PIL import Image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from skimage import data as skdata
 from torch import nn
+from torch.nn import functional as F
 
-from pipeline.methods.cam import GapHead, cam
-from pipeline.methods.gradcam import gradcam
+from pipeline.methods.base import MapMethod
 from pipeline.methods.hooks import get_layer
-from pipeline.methods.occlusion import occlusion
-from pipeline.methods.saliency import saliency
-from pipeline.models.digits import DigitsCNN
+from pipeline.methods.registry import METHODS, make_method
+from pipeline.models.efficientnet_lite import efficientnet_lite0_transform, load_efficientnet_lite0
 
 OUT = Path("outputs/bench/explain.json")
-WINDOW, STRIDE, BATCH = 16, 8, 64
-SMOOTH_SAMPLES, SMOOTH_NOISE = 10, 0.15
+# settings used on both sides; every other setting is the method's default
+SETTINGS: dict[str, dict[str, Any]] = {
+    "smoothgrad": {"samples": 10}, "integrated_gradients": {"steps": 50},
+    "occlusion": {"window": 16, "stride": 8, "batch_size": 64}, "rise": {"masks": 500, "cells": 7, "p": 0.5},
+}
+CHEAP = ("saliency", "input_x_gradient", "integrated_gradients", "guided_backprop", "gradcam", "gradcam_plusplus",
+         "xgradcam", "layercam", "hirescam", "eigencam", "guided_gradcam")
+Reference = Callable[[nn.Module, torch.Tensor, int, str], torch.Tensor]
+
+
+def _grad_cam(cls: type) -> Reference:
+    def run(model: nn.Module, x: torch.Tensor, target: int, layer: str) -> torch.Tensor:
+        with cls(model=model, target_layers=[get_layer(model, layer)]) as cam:
+            return torch.from_numpy(cam(input_tensor=x, targets=[ClassifierOutputTarget(target)]))
+    return run
+
+
+def _captum_occlusion(model: nn.Module, x: torch.Tensor, target: int, layer: str) -> torch.Tensor:
+    s = SETTINGS["occlusion"]
+    c = x.shape[1]
+    attr = Occlusion(model).attribute(x, sliding_window_shapes=(c, s["window"], s["window"]),
+                                      strides=(c, s["stride"], s["stride"]), baselines=0.0, target=target,
+                                      perturbations_per_eval=s["batch_size"])
+    return attr[:, 0]
+
+
+def _captum_gradcam(model: nn.Module, x: torch.Tensor, target: int, layer: str) -> torch.Tensor:
+    attr = LayerGradCam(model, get_layer(model, layer)).attribute(x, target=target, relu_attributions=True)
+    return LayerAttribution.interpolate(attr, tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
+
+
+def _rise(model: nn.Module, x: torch.Tensor, target: int, layer: str) -> torch.Tensor:
+    """RISE as the authors' code does it: N random cell grids, upsampled and randomly shifted, all
+    masked images made up front, then batches of them through the model."""
+    s = SETTINGS["rise"]
+    n, cells, p = s["masks"], s["cells"], s["p"]
+    h, w = x.shape[-2:]
+    cell = (int(np.ceil(h / cells)), int(np.ceil(w / cells)))
+    up = ((cells + 1) * cell[0], (cells + 1) * cell[1])
+    gen = torch.Generator().manual_seed(0)
+    grid = (torch.rand(n, 1, cells, cells, generator=gen) < p).float()
+    big = F.interpolate(grid, size=up, mode="bilinear", align_corners=False)
+    dy = torch.randint(0, cell[0], (n,), generator=gen)
+    dx = torch.randint(0, cell[1], (n,), generator=gen)
+    masks = torch.stack([big[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    stack = masks * x
+    with torch.no_grad():
+        probs = torch.cat([model(stack[i:i + 64]).softmax(1) for i in range(0, n, 64)])
+    return (probs[:, target] @ masks.view(n, -1)).view(1, h, w) / (n * p)
+
+
+REFERENCES: dict[str, tuple[str, Reference]] = {
+    "saliency": ("captum Saliency(abs=True), max over channels",
+                 lambda m, x, t, _l: Saliency(m).attribute(x, target=t, abs=True).amax(1)),
+    "smoothgrad": ("captum NoiseTunnel(Saliency), smoothgrad",
+                   lambda m, x, t, _l: NoiseTunnel(Saliency(m)).attribute(
+                       x, nt_type="smoothgrad", nt_samples=SETTINGS["smoothgrad"]["samples"],
+                       stdevs=0.15 * float(x.max() - x.min()), target=t, abs=True).amax(1)),
+    "input_x_gradient": ("captum InputXGradient, summed over channels",
+                         lambda m, x, t, _l: InputXGradient(m).attribute(x, target=t).sum(1)),
+    "integrated_gradients": ("captum IntegratedGradients (50 steps, gausslegendre), summed over channels",
+                             lambda m, x, t, _l: IntegratedGradients(m).attribute(
+                                 x, target=t, n_steps=SETTINGS["integrated_gradients"]["steps"]).sum(1)),
+    "guided_backprop": ("captum GuidedBackprop, max |.| over channels",
+                        lambda m, x, t, _l: GuidedBackprop(m).attribute(x, target=t).abs().amax(1)),
+    "guided_gradcam": ("captum GuidedGradCam (bilinear), max |.| over channels",
+                       lambda m, x, t, l: GuidedGradCam(m, get_layer(m, l)).attribute(
+                           x, target=t, interpolate_mode="bilinear").abs().amax(1)),
+    "occlusion": ("captum Occlusion (same window, stride, zero fill, 64 per eval)", _captum_occlusion),
+    "cam": ("captum LayerGradCam + bilinear interpolate (neither library has plain CAM)", _captum_gradcam),
+    "gradcam": ("pytorch-grad-cam GradCAM", _grad_cam(pytorch_grad_cam.GradCAM)),
+    "gradcam_plusplus": ("pytorch-grad-cam GradCAMPlusPlus", _grad_cam(pytorch_grad_cam.GradCAMPlusPlus)),
+    "xgradcam": ("pytorch-grad-cam XGradCAM", _grad_cam(pytorch_grad_cam.XGradCAM)),
+    "layercam": ("pytorch-grad-cam LayerCAM", _grad_cam(pytorch_grad_cam.LayerCAM)),
+    "hirescam": ("pytorch-grad-cam HiResCAM", _grad_cam(pytorch_grad_cam.HiResCAM)),
+    "eigencam": ("pytorch-grad-cam EigenCAM", _grad_cam(pytorch_grad_cam.EigenCAM)),
+    "scorecam": ("pytorch-grad-cam ScoreCAM", _grad_cam(pytorch_grad_cam.ScoreCAM)),
+    "ablationcam": ("pytorch-grad-cam AblationCAM", _grad_cam(pytorch_grad_cam.AblationCAM)),
+    "rise": ("the authors' algorithm (eclique/RISE), same masks count, cells and p", _rise),
+}
+RANDOM = {"smoothgrad", "rise"}          # different random draws on each side: timed, not compared
+SCALED = {"gradcam", "gradcam_plusplus", "xgradcam", "layercam", "hirescam", "eigencam", "scorecam", "ablationcam"}
 
 
 def timed(fns: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """Median wall time in ms of each function over ``repeats`` rounds, and its last output.
-
-    The functions are called in turn within each round (after one warm-up round when repeats > 1),
-    so that a change in the machine's load (it is shared) hits all of them alike.
-    """
-    outs: dict[str, Any] = {name: fn() for name, fn in fns.items()} if repeats > 1 else {}
+    """Median wall time in ms of each function over ``repeats`` rounds (after one warm-up round), and
+    its last output; the functions alternate within a round so load changes hit both alike."""
+    outs = {name: fn() for name, fn in fns.items()}
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -57,109 +144,98 @@ def timed(fns: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, fl
     return {name: statistics.median(t) for name, t in times.items()}, outs
 
 
-def models() -> dict[str, tuple[nn.Module, torch.Tensor, str, GapHead]]:
-    """name -> (model, one input image, Grad-CAM layer, CAM head); random weights, eval mode."""
+def _minmax(m: torch.Tensor) -> torch.Tensor:
+    flat = m.detach().float().flatten(1)
+    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    return ((flat - lo) / (hi - lo + 1e-7)).view(m.shape)
+
+
+def difference(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """Largest difference relative to the reference's largest value (both min-max scaled for the
+    CAM family, whose reference returns scaled maps)."""
+    a, b = ours.detach().float().cpu(), theirs.detach().float().cpu()
+    if name in SCALED:
+        a, b = _minmax(a), _minmax(b)
+    return float((a - b).abs().max()) / (float(b.abs().max()) or 1.0)
+
+
+def models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """name -> (model in eval mode, the cat photo through its preprocessing (1,3,224,224))."""
+    cat = Image.fromarray(skdata.chelsea())
     torch.manual_seed(0)
-    digits = DigitsCNN().eval()
     resnet = torchvision.models.resnet18(weights=None).eval()
     for m in resnet.modules():  # as the torchvision model source does: hooks see every activation
         if isinstance(m, nn.ReLU):
             m.inplace = False
-    return {"digits_cnn": (digits, torch.randn(1, 1, 64, 64), "features.relu4", GapHead("features.relu4", "fc")),
-            "resnet18": (resnet, torch.randn(1, 3, 224, 224), "layer4", GapHead("layer4", "fc"))}
+    tv = torchvision.transforms
+    resnet_tf = tv.Compose([tv.Resize(256), tv.CenterCrop(224), tv.ToTensor(),
+                            tv.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    return {"efficientnet_lite0": (load_efficientnet_lite0().eval(), efficientnet_lite0_transform()(cat)[None]),
+            "resnet18": (resnet, resnet_tf(cat)[None])}
 
 
-def entry(ms: float, captum_ms: float, ours: torch.Tensor | None = None, theirs: torch.Tensor | None = None,
-          **extra: Any) -> dict[str, Any]:
-    """One method's JSON entry; with outputs, their largest absolute and relative difference."""
-    out: dict[str, Any] = {"ms": round(ms, 2), "captum_ms": round(captum_ms, 2), "speedup": round(captum_ms / ms, 3)}
-    if ours is not None and theirs is not None:
-        diff = float((ours.detach().float() - theirs.detach().float()).abs().max())
-        out["max_abs_diff"] = diff
-        out["max_rel_diff"] = diff / (float(theirs.detach().abs().max()) or 1.0)
-    out.update(extra)
-    print(f"  {extra.get('name', ''):16s} ours {ms:10.1f} ms   captum {captum_ms:10.1f} ms   speedup "
-          f"{captum_ms / ms:6.2f}x" + (f"   max rel diff {out['max_rel_diff']:.1e}" if "max_rel_diff" in out else ""),
-          flush=True)
-    out.pop("name", None)
-    return out
-
-
-def bench_model(model: nn.Module, x: torch.Tensor, layer: str, head: GapHead, repeats: int,
-                occlusion_repeats: int) -> dict[str, dict[str, Any]]:
-    with torch.no_grad():
-        target = int(model(x).argmax())
-    size = tuple(x.shape[-2:])
-    channels = x.shape[1]
-    module = get_layer(model, layer)
-    sigma = SMOOTH_NOISE * float(x.max() - x.min())
-
-    def captum_gradcam() -> torch.Tensor:
-        attr = LayerGradCam(model, module).attribute(x, target=target, relu_attributions=True)
-        return LayerAttribution.interpolate(attr, size, interpolate_mode="bilinear")[:, 0]
-
-    def captum_occlusion() -> torch.Tensor:
-        attr = Occlusion(model).attribute(x, sliding_window_shapes=(channels, WINDOW, WINDOW),
-                                          strides=(channels, STRIDE, STRIDE), baselines=0.0, target=target,
-                                          perturbations_per_eval=BATCH)
-        return attr[0].mean(0)  # identical over channels: the window spans them all
-
-    ms, out = timed({
-        "saliency": lambda: saliency(model, x, target).grad,
-        "captum_saliency": lambda: Saliency(model).attribute(x, target=target, abs=False),
-        "smoothgrad": lambda: saliency(model, x, target, samples=SMOOTH_SAMPLES, noise=SMOOTH_NOISE).grad,
-        "captum_smoothgrad": lambda: NoiseTunnel(Saliency(model)).attribute(
-            x, nt_type="smoothgrad", nt_samples=SMOOTH_SAMPLES, stdevs=sigma, target=target, abs=False),
-        "gradcam": lambda: gradcam(model, x, target, layer),
-        "cam": lambda: cam(model, x, target, head=head),
-        "captum_gradcam": captum_gradcam,
-    }, repeats)
-    occ_ms, occ = timed({
-        "occlusion": lambda: occlusion(model, x, target, WINDOW, STRIDE, batch_size=BATCH,
-                                       engine="incremental").score_drop,
-        "occlusion_plain": lambda: occlusion(model, x, target, WINDOW, STRIDE, batch_size=BATCH,
-                                             engine="plain").score_drop,
-        "captum_occlusion": captum_occlusion,
-    }, occlusion_repeats)
-    threads = torch.get_num_threads()
-    common = {"repeats": repeats, "threads": threads}
-    occ_common = {"window": WINDOW, "stride": STRIDE, "batch": BATCH, "repeats": occlusion_repeats, "threads": threads}
-    return {
-        "saliency": entry(ms["saliency"], ms["captum_saliency"], out["saliency"], out["captum_saliency"],
-                          name="saliency", **common),
-        "smoothgrad": entry(ms["smoothgrad"], ms["captum_smoothgrad"], name="smoothgrad", samples=SMOOTH_SAMPLES,
-                            note="different random noise, so outputs are not compared", **common),
-        "occlusion": entry(occ_ms["occlusion"], occ_ms["captum_occlusion"], occ["occlusion"],
-                           occ["captum_occlusion"], name="occlusion", engine="incremental", **occ_common),
-        "occlusion_plain": entry(occ_ms["occlusion_plain"], occ_ms["captum_occlusion"], occ["occlusion_plain"],
-                                 occ["captum_occlusion"], name="occlusion_plain", engine="plain", **occ_common),
-        "gradcam": entry(ms["gradcam"], ms["captum_gradcam"], out["gradcam"], out["captum_gradcam"],
-                         name="gradcam", **common),
-        "cam": entry(ms["cam"], ms["captum_gradcam"], name="cam",
-                     captum_equivalent="LayerGradCam + interpolate (Captum has no CAM)", **common),
-    }
+def bench_method(name: str, method: MapMethod, model: nn.Module, x: torch.Tensor, target: int,
+                 repeats: int, batch: int) -> dict[str, Any]:
+    """One method's entry: per-image times, ratio, output difference; batched figures for cheap methods."""
+    layer = str(method.settings.get("layer") or "")
+    entry: dict[str, Any] = {"settings": method.key_settings(), "threads": torch.get_num_threads()}
+    if name not in REFERENCES:
+        ms, _ = timed({"ours": lambda: method(model, x, target)}, repeats)
+        entry.update(ms=round(ms["ours"], 2), reference=None, reference_ms=None, speedup=None)
+        print(f"  {name:22s} ours {ms['ours']:10.1f} ms   (no reference implementation)", flush=True)
+        return entry
+    label, ref = REFERENCES[name]
+    ms, out = timed({"ours": lambda: method(model, x, target), "ref": lambda: ref(model, x, target, layer)}, repeats)
+    entry.update(ms=round(ms["ours"], 2), reference_ms=round(ms["ref"], 2), speedup=round(ms["ref"] / ms["ours"], 3),
+                 reference=label, repeats=repeats)
+    if name not in RANDOM:
+        entry["max_rel_diff"] = difference(name, out["ours"], out["ref"])
+    if name == "gradcam":  # Captum's Grad-CAM too, beside pytorch-grad-cam's
+        cap, _ = timed({"captum": lambda: _captum_gradcam(model, x, target, layer)}, repeats)
+        entry["captum_ms"] = round(cap["captum"], 2)
+    line = (f"  {name:22s} ours {ms['ours']:10.1f} ms   reference {ms['ref']:10.1f} ms   speedup "
+            f"{ms['ref'] / ms['ours']:6.2f}x" + (f"   max rel diff {entry['max_rel_diff']:.1e}"
+                                                   if "max_rel_diff" in entry else ""))
+    if batch > 1 and name in CHEAP:
+        xs = x.expand(batch, -1, -1, -1).contiguous() + 0.01 * torch.randn(batch, *x.shape[1:],
+                                                                          generator=torch.Generator().manual_seed(1))
+        targets = torch.full((batch,), target)
+        bms, _ = timed({"ours": lambda: method(model, xs, targets),
+                        "ref": lambda: [ref(model, xs[i:i + 1], target, layer) for i in range(batch)]}, 1)
+        entry.update(batch=batch, batch_ms_per_image=round(bms["ours"] / batch, 2),
+                     reference_batch_ms_per_image=round(bms["ref"] / batch, 2),
+                     batch_speedup=round(bms["ref"] / bms["ours"], 3))
+        line += f"   batched x{batch}: {bms['ref'] / bms['ours']:5.2f}x"
+    print(line, flush=True)
+    return entry
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=9, help="timed rounds of the cheap methods (median)")
-    parser.add_argument("--occlusion-repeats-224", type=int, default=1,
-                        help="timed occlusion calls at 224 (Captum takes ~30 s a call here)")
-    parser.add_argument("--models", nargs="*", default=["digits_cnn", "resnet18"])
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per method (median)")
+    parser.add_argument("--batch", type=int, default=32, help="images in the batched figure (1: skip it)")
+    parser.add_argument("--models", nargs="*", default=["efficientnet_lite0", "resnet18"])
+    parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads for both sides (1: stable timings on a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    out: dict[str, Any] = {}
-    for name, (model, x, layer, head) in models().items():
-        if name not in args.models:
+    out: dict[str, Any] = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    for model_name, (model, x) in models().items():
+        if model_name not in args.models:
             continue
-        print(f"{name} {tuple(x.shape)}", flush=True)
-        occ_repeats = args.repeats if x.shape[-1] <= 64 else args.occlusion_repeats_224
-        out[name] = bench_model(model, x, layer, head, args.repeats, occ_repeats)
-    print(f"torch {torch.__version__}, captum {captum.__version__}, {torch.get_num_threads()} threads, cpu, "
-          f"{platform.machine()}")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            target = int(model(x).argmax())
+        print(f"{model_name} {tuple(x.shape)}, target {target}", flush=True)
+        results = out.setdefault(model_name, {})
+        for name in args.methods:
+            method = make_method(name, SETTINGS.get(name)).prepare(model, x)
+            slow = METHODS[name].many_passes
+            results[name] = bench_method(name, method, model, x, target, 1 if slow else args.repeats, args.batch)
+            OUT.parent.mkdir(parents=True, exist_ok=True)
+            OUT.write_text(json.dumps(out, indent=2) + "\n")
+    out["environment"] = {"torch": torch.__version__, "captum": captum.__version__, "threads": torch.get_num_threads(),
+                          "machine": platform.machine(), "device": "cpu"}
     OUT.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {OUT}")
 

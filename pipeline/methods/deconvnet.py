@@ -24,7 +24,8 @@ Fergus project the activation itself), or of a unit signal otherwise (what Captu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -104,9 +105,34 @@ class _DeconvReLU(torch.autograd.Function):
         return grad.clamp(min=0.0), None
 
 
-def _deconv_relu_hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-    upper = 6.0 if isinstance(module, nn.ReLU6) else None
-    return _DeconvReLU.apply(inputs[0], upper)
+def relu_modules(model: nn.Module) -> list[nn.Module]:
+    """The ``nn.ReLU`` / ``nn.ReLU6`` modules of ``model``: what a ReLU backward override reaches."""
+    return [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
+
+
+@contextmanager
+def relu_backward_override(model: nn.Module, function: type[torch.autograd.Function]) -> Iterator[None]:
+    """Within the block, every ``nn.ReLU`` / ``nn.ReLU6`` module returns ``function.apply(input,
+    upper)`` (``upper`` 6.0 for ReLU6, None for ReLU): the same forward values, the function's own
+    backward. In-place ReLUs are made out-of-place (an in-place ReLU would overwrite the input the
+    override reads); every hook and flag is restored on exit. Functional ``F.relu`` calls are not
+    reached, since only modules can be hooked."""
+    def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        return function.apply(inputs[0], 6.0 if isinstance(module, nn.ReLU6) else None)
+
+    relus = relu_modules(model)
+    inplace = [m.inplace for m in relus]
+    handles = []
+    try:
+        for m in relus:
+            m.inplace = False
+            handles.append(m.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in zip(relus, inplace):
+            m.inplace = flag
 
 
 def deconvnet(model: nn.Module, x: Tensor, layer: str | Sequence[str],
@@ -123,24 +149,12 @@ def deconvnet(model: nn.Module, x: Tensor, layer: str | Sequence[str],
     layers, channels = _per_image(layer, channel, x.shape[0])
     wanted = list(dict.fromkeys(layers))
     _resolve_layers(model, wanted)
-    relus = [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
-    inplace = [m.inplace for m in relus]
-    handles = []
-    try:
-        for m in relus:
-            m.inplace = False
-            handles.append(m.register_forward_hook(_deconv_relu_hook))
-        with torch.enable_grad():
-            xg = x.detach().clone().requires_grad_(True)
-            acts = truncated_forward(model, xg, wanted)
-            seeds, positions, values = _seeds(acts, layers, channels, scale_by_activation)
-            (projection,) = torch.autograd.grad([acts[n] for n in wanted], [xg],
-                                                grad_outputs=[seeds[n] for n in wanted])
-    finally:
-        for h in handles:
-            h.remove()
-        for m, flag in zip(relus, inplace):
-            m.inplace = flag
+    with relu_backward_override(model, _DeconvReLU), torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        acts = truncated_forward(model, xg, wanted)
+        seeds, positions, values = _seeds(acts, layers, channels, scale_by_activation)
+        (projection,) = torch.autograd.grad([acts[n] for n in wanted], [xg],
+                                            grad_outputs=[seeds[n] for n in wanted])
     return DeconvResult(projection.detach(), positions, values)
 
 

@@ -11,6 +11,8 @@ from pipeline.errors import PipelineError, suggest
 from pipeline.methods.base import MapMethod
 from pipeline.methods.cam import CAM
 from pipeline.methods.gradcam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+from pipeline.methods.guided import GuidedBackprop, GuidedGradCAM
+from pipeline.methods.integrated_gradients import IntegratedGradients
 from pipeline.methods.occlusion import Occlusion
 from pipeline.methods.saliency import InputXGradient, Saliency, SmoothGrad
 from pipeline.methods.segmentation import Segmentation
@@ -19,6 +21,7 @@ METHODS: dict[str, type[MapMethod]] = {cls.name: cls for cls in (
     Saliency,
     SmoothGrad,
     InputXGradient,
+    IntegratedGradients,
     Occlusion,
     CAM,
     GradCAM,
@@ -27,6 +30,8 @@ METHODS: dict[str, type[MapMethod]] = {cls.name: cls for cls in (
     LayerCAM,
     HiResCAM,
     EigenCAM,
+    GuidedBackprop,
+    GuidedGradCAM,
     Segmentation,
 )}
 

@@ -11,6 +11,7 @@ import pandas as pd
 
 from pipeline.errors import PipelineError
 from pipeline.runtime import Context
+from pipeline.selection import class_index
 from pipeline.views import save_topk_grid
 
 QUERY_TYPES = ("topk", "direction", "neighbours", "neurons")
@@ -23,16 +24,7 @@ def _direction_vector(ctx: Context, store: Any, layer: str) -> tuple[np.ndarray,
         return np.asarray(list(cfg.vector), dtype=np.float64), "vector"
     if cfg.class_a is None or cfg.class_b is None:
         raise PipelineError("query.type=direction needs query.vector=[...] or query.class_a and query.class_b.")
-    names = ctx.model.class_names
-    idx = []
-    for c in (cfg.class_a, cfg.class_b):
-        if isinstance(c, int) or str(c).isdigit() and str(c) not in names:
-            idx.append(int(c))
-        elif str(c) in names:
-            idx.append(names.index(str(c)))
-        else:
-            from pipeline.errors import suggest
-            raise PipelineError(f"unknown class {c!r}.{suggest(str(c), names)}")
+    idx = [class_index(c, ctx.model.class_names, "query") for c in (cfg.class_a, cfg.class_b)]
     return store.class_direction(layer, idx[0], idx[1]), f"class {idx[0]} - class {idx[1]}"
 
 

@@ -46,6 +46,7 @@ from pipeline.methods.deconvnet import _HOOKED, deconvnet, deconvnet_explicit
 from pipeline.methods.receptive import receptive_field, unit_box
 from pipeline.models import ModelBundle
 from pipeline.runtime import Context, images_to_tensor, plain
+from pipeline.selection import class_index
 from pipeline.store.layout import layer_dirname
 
 log = logging.getLogger(__name__)
@@ -146,22 +147,9 @@ def resolve_classes(spec: Any, class_names: Sequence[str], all_up_to: int) -> li
     n = len(class_names)
     if n <= all_up_to:
         return list(range(n))
-    lookup: dict[str, int] = {}
-    for i, name in enumerate(class_names):
-        lookup.setdefault(name.lower(), i)
     out: list[int] = []
     for item in list(spec or []):
-        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-            if not 0 <= int(item) < n:
-                raise PipelineError(f"visualize.classes: class {item} is out of range: the model has {n} classes "
-                                    f"(0..{n - 1}).")
-            k = int(item)
-        else:
-            k = lookup.get(str(item).strip().lower(), -1)
-            if k < 0:
-                raise PipelineError(f"visualize.classes: unknown class name {str(item)!r}."
-                                    f"{suggest(str(item), class_names)} Give names from the model's class "
-                                    f"list (or indices 0..{n - 1}).")
+        k = class_index(item, class_names, "visualize.classes")
         if k not in out:
             out.append(k)
     return out

@@ -1,0 +1,99 @@
+"""Guided backpropagation (Springenberg et al. 2015) and Guided Grad-CAM (Selvaraju et al. 2017).
+
+Guided backprop is the target score's gradient with respect to the input where every ``nn.ReLU`` /
+``nn.ReLU6`` module's backward passes only the positive gradients, and only where the module's
+input was in its linear range: the ReLU's own gradient with its negative values zeroed (Captum's
+``GuidedBackprop``, which overrides ``nn.ReLU`` modules only; here ReLU6 too). Functional
+``F.relu`` calls cannot be reached, so a model without ReLU modules is not applicable. Guided
+Grad-CAM multiplies the guided gradient by the Grad-CAM map upsampled to the input (Captum's
+``GuidedGradCam`` with ``interpolate_mode="bilinear"``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.methods.base import Explanation, LocalizerSource, MapMethod, NotApplicable
+from pipeline.methods.deconvnet import relu_backward_override, relu_modules
+from pipeline.methods.gradcam import GradCAM
+from pipeline.methods.hooks import Target
+from pipeline.methods.saliency import input_gradient
+
+
+class _GuidedReLU(torch.autograd.Function):
+    """Forward: the module's ReLU (or ReLU6); backward: the positive part of the incoming gradient
+    where the output is strictly inside (0, upper), where the ReLU's own gradient is 1."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, inp: torch.Tensor, upper: float | None) -> torch.Tensor:
+        out = inp.clamp(min=0.0, max=upper)
+        ctx.upper = upper
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (out,) = ctx.saved_tensors
+        linear = out > 0 if ctx.upper is None else (out > 0) & (out < ctx.upper)
+        return grad.clamp(min=0.0) * linear, None
+
+
+def guided_gradient(model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor:
+    """The guided-backprop gradient (B,C,H,W) of the target scores; the model is left as it was."""
+    with relu_backward_override(model, _GuidedReLU):
+        return input_gradient(model, x, target)
+
+
+def require_relu_modules(model: nn.Module, x0: torch.Tensor, method: str) -> None:
+    """A NotApplicable unless the forward pass on ``x0`` calls an ``nn.ReLU`` / ``nn.ReLU6`` module."""
+    calls: list[nn.Module] = []
+    handles = [m.register_forward_hook(lambda mod, _i, _o: calls.append(mod)) for m in relu_modules(model)]
+    try:
+        if handles:
+            with torch.no_grad():
+                model(x0)
+    finally:
+        for h in handles:
+            h.remove()
+    if not calls:
+        raise NotApplicable(
+            f"{method} needs nn.ReLU / nn.ReLU6 modules to guide, but {type(model).__name__}'s forward "
+            f"calls none (its ReLUs are functional F.relu calls, or it has none), so {method} would be "
+            "the plain gradient: use saliency instead, or build the model with nn.ReLU modules.")
+
+
+class GuidedBackprop(MapMethod):
+    """Guided backprop: max over colour channels of |guided gradient|; the signed gradient is an extra."""
+
+    name = "guided_backprop"
+    needs_hooks = True
+    description = "gradient through ReLUs that pass only positive gradients (Springenberg et al. 2015)"
+
+    def prepare(self, model: nn.Module, x0: torch.Tensor, env: LocalizerSource | None = None) -> MapMethod:
+        super().prepare(model, x0, env)
+        require_relu_modules(model, x0, self.name)
+        return self
+
+    def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:
+        attr = guided_gradient(model, x, target)
+        return Explanation(attr.abs().amax(1), {"attribution": attr})
+
+
+class GuidedGradCAM(GradCAM):
+    """Guided backprop times the Grad-CAM map (ReLU'd, bilinearly upsampled) of ``layer``; the map is
+    max over colour channels of |attribution| (Grad-CAM's non-negative factor times guided backprop's
+    map), the signed (B,C,H,W) product is an extra."""
+
+    name = "guided_gradcam"
+    description = "guided backprop times the Grad-CAM map (Selvaraju et al. 2017)"
+
+    def prepare(self, model: nn.Module, x0: torch.Tensor, env: LocalizerSource | None = None) -> MapMethod:
+        super().prepare(model, x0, env)
+        require_relu_modules(model, x0, self.name)
+        return self
+
+    def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:
+        cam = super().attribute(model, x, target).maps
+        attr = guided_gradient(model, x, target) * cam[:, None]
+        return Explanation(attr.abs().amax(1), {"attribution": attr})

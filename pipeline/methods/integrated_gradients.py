@@ -1,0 +1,151 @@
+"""Integrated Gradients (Sundararajan et al. 2017): the target score's gradient integrated along the
+straight path from a baseline image to the image, times (image - baseline).
+
+The integral is Captum's quadrature (``captum.attr._utils.approximation_methods``): the same nodes
+and weights for each rule, so the attributions are ``captum.attr.IntegratedGradients``'s. The
+B*steps path images go through the model in chunks of ``internal_batch_size``, each with one forward
+pass and one ``autograd.grad`` of the summed target scores; each chunk's gradients are weighted
+and added into one (B,C,H,W) sum at once, so memory is one chunk's graph whatever ``steps`` is.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+from pipeline.methods.base import Explanation, MapMethod
+from pipeline.methods.hooks import Target, check_target
+from pipeline.methods.occlusion import gaussian_blur
+
+RULES = ("gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right")
+BASELINES = ("zero", "blur", "mean")
+
+
+class IGResult(NamedTuple):
+    """``attribution`` (B,C,H,W); ``score`` and ``baseline_score`` (B,): the target logit at the
+    image and at its baseline; ``delta`` (B,): sum(attribution) - (score - baseline_score)."""
+
+    attribution: torch.Tensor
+    score: torch.Tensor
+    baseline_score: torch.Tensor
+    delta: torch.Tensor
+
+
+def quadrature(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes in [0, 1] and weights (steps,) of ``rule``, as Captum builds them: Gauss-Legendre
+    from NumPy's ``leggauss`` rescaled to [0, 1]; Riemann sums with weight 1/steps at float32
+    ``linspace`` nodes (halved at both ends for the trapezoid)."""
+    if rule not in RULES:
+        raise PipelineError(f"unknown integration rule {rule!r}: use one of {', '.join(RULES)}.")
+    if rule == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(steps)
+        return torch.from_numpy(0.5 * (1 + nodes)), torch.from_numpy(0.5 * weights)
+    if steps < 2:
+        raise PipelineError(f"the {rule} rule needs steps >= 2, got {steps}.")
+    n = steps
+    nodes = {"trapezoid": torch.linspace(0, 1, n), "left": torch.linspace(0, 1 - 1 / n, n),
+             "middle": torch.linspace(1 / (2 * n), 1 - 1 / (2 * n), n),
+             "right": torch.linspace(1 / n, 1, n)}[rule.split("_")[1]]
+    weights = torch.full((n,), 1 / n, dtype=torch.float64)
+    if rule == "riemann_trapezoid":
+        weights[[0, -1]] /= 2
+    return nodes.double(), weights
+
+
+def make_baseline(x: torch.Tensor, baseline: str, blur_sigma: float = 10.0) -> torch.Tensor:
+    """Each image's baseline (B,C,H,W): all zero (the normalisation mean), a Gaussian blur of the
+    image, or the image's per-channel mean."""
+    if baseline == "zero":
+        return torch.zeros_like(x)
+    if baseline == "blur":
+        return gaussian_blur(x, blur_sigma)
+    if baseline == "mean":
+        return x.mean(dim=(2, 3), keepdim=True).expand_as(x).clone()
+    raise PipelineError(f"unknown baseline {baseline!r}: use one of {', '.join(BASELINES)}.")
+
+
+def _end_scores(model: nn.Module, ends: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format]:
+    """The logits of the path's ends (images, then baselines) and the layout for the path images:
+    channels-last on the CPU, the layout oneDNN's convolutions run natively (1.1-1.5x faster), unless
+    the model's forward rejects it (a ``.view`` of a feature map, say)."""
+    with torch.no_grad():
+        if ends.device.type == "cpu":
+            try:
+                return model(ends.contiguous(memory_format=torch.channels_last)), torch.channels_last
+            except RuntimeError:
+                pass  # a genuine error is raised again by the contiguous pass
+        return model(ends), torch.contiguous_format
+
+
+def integrated_gradients(model: nn.Module, x: torch.Tensor, target: Target, baseline: torch.Tensor,
+                         steps: int = 50, rule: str = "gausslegendre",
+                         internal_batch_size: int = 16) -> IGResult:
+    """Integrated gradients of ``target`` for a batch ``x`` (B,C,H,W) from ``baseline`` (same shape).
+
+    Path image r (step-major, as Captum orders them) is image ``r % B`` at node ``r // B``.
+    """
+    x, baseline = x.detach(), baseline.detach().expand_as(x)
+    b = x.shape[0]
+    nodes, weights = (v.to(x.device, x.dtype) for v in quadrature(rule, steps))
+    ends, layout = _end_scores(model, torch.cat([x, baseline]))
+    t = check_target(target, ends.shape[1], b).to(x.device)
+    score, baseline_score = ends.gather(1, t.repeat(2)[:, None])[:, 0].split(b)
+    diff = x - baseline
+    total = torch.zeros_like(x)
+    rows = b * steps
+    buf = torch.empty(min(internal_batch_size, rows), *x.shape[1:], dtype=x.dtype, device=x.device,
+                      memory_format=layout)
+    for start in range(0, rows, internal_batch_size):
+        r = torch.arange(start, min(start + internal_batch_size, rows), device=x.device)
+        image, node = r % b, r // b
+        path = torch.addcmul(baseline[image], nodes[node].view(-1, 1, 1, 1), diff[image],
+                             out=buf[:r.numel()]).requires_grad_(True)
+        with torch.enable_grad():
+            chunk_score = model(path).gather(1, t[image, None]).sum()
+        (grad,) = torch.autograd.grad(chunk_score, path)
+        total.index_add_(0, image, grad.mul_(weights[node].view(-1, 1, 1, 1)))
+    attribution = total.mul_(diff)
+    delta = attribution.flatten(1).sum(1) - (score - baseline_score)
+    return IGResult(attribution, score, baseline_score, delta)
+
+
+class IntegratedGradients(MapMethod):
+    """Integrated Gradients, summed over colour channels (signed, so each map sums to the score's
+    change from the baseline); the per-channel attribution is an extra, the completeness error meta."""
+
+    name = "integrated_gradients"
+    DEFAULTS = {"baseline": "zero", "blur_sigma": 10.0, "steps": 50, "method": "gausslegendre"}
+    OPTIONS = {"internal_batch_size": 16}
+    description = "gradients integrated from a baseline, times the input's difference (Sundararajan et al. 2017)"
+
+    def validate(self) -> None:
+        self._choice("baseline", BASELINES)
+        self._choice("method", RULES)
+        self._positive("steps")
+        self._positive("blur_sigma", integer=False)
+        self._positive("internal_batch_size", store=self.options)
+        s = self.settings
+        s["blur_sigma"] = float(s["blur_sigma"])
+        if s["method"].startswith("riemann") and s["steps"] < 2:
+            raise PipelineError(f"explain.{self.name}.steps must be at least 2 for method={s['method']}, "
+                                f"got {s['steps']}; use more steps or method=gausslegendre.")
+
+    def key_settings(self) -> dict[str, object]:
+        s = self.settings
+        key = {"baseline": s["baseline"], "steps": s["steps"], "method": s["method"]}
+        if s["baseline"] == "blur":
+            key["blur_sigma"] = s["blur_sigma"]
+        return key
+
+    def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:
+        s = self.settings
+        res = integrated_gradients(model, x, target, make_baseline(x, s["baseline"], s["blur_sigma"]),
+                                   steps=s["steps"], rule=s["method"],
+                                   internal_batch_size=self.options["internal_batch_size"])
+        meta = [{"convergence_delta": float(d), "score": float(sc), "baseline_score": float(bs)}
+                for d, sc, bs in zip(res.delta, res.score, res.baseline_score)]
+        return Explanation(res.attribution.sum(1), {"attribution": res.attribution}, meta)
