@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import captum
-import numpy as np
 import pytorch_grad_cam
 import torch
 import torchvision
@@ -39,10 +38,10 @@ from PIL import Image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from skimage import data as skdata
 from torch import nn
-from torch.nn import functional as F
 
 from pipeline.methods.base import MapMethod
 from pipeline.methods.hooks import get_layer
+from pipeline.methods.masking import rise_masks
 from pipeline.methods.registry import METHODS, make_method
 from pipeline.models.efficientnet_lite import efficientnet_lite0_transform, load_efficientnet_lite0
 
@@ -50,7 +49,7 @@ OUT = Path("outputs/bench/explain.json")
 # settings used on both sides; every other setting is the method's default
 SETTINGS: dict[str, dict[str, Any]] = {
     "smoothgrad": {"samples": 10}, "integrated_gradients": {"steps": 50},
-    "occlusion": {"window": 16, "stride": 8, "batch_size": 64}, "rise": {"masks": 500, "cells": 7, "p": 0.5},
+    "occlusion": {"window": 16, "stride": 8, "batch_size": 64}, "rise": {"masks": 500, "cells": 7, "p": 0.5, "seed": 0},
 }
 CHEAP = ("saliency", "input_x_gradient", "integrated_gradients", "guided_backprop", "gradcam", "gradcam_plusplus",
          "xgradcam", "layercam", "hirescam", "eigencam", "guided_gradcam")
@@ -79,22 +78,15 @@ def _captum_gradcam(model: nn.Module, x: torch.Tensor, target: int, layer: str) 
 
 
 def _rise(model: nn.Module, x: torch.Tensor, target: int, layer: str) -> torch.Tensor:
-    """RISE as the authors' code does it: N random cell grids, upsampled and randomly shifted, all
-    masked images made up front, then batches of them through the model."""
+    """RISE as the authors' code does it: all masks made up front (here the same masks as ours, so
+    the outputs compare), every masked image made at once, then batches of them through the model."""
     s = SETTINGS["rise"]
-    n, cells, p = s["masks"], s["cells"], s["p"]
+    n, p = s["masks"], s["p"]
     h, w = x.shape[-2:]
-    cell = (int(np.ceil(h / cells)), int(np.ceil(w / cells)))
-    up = ((cells + 1) * cell[0], (cells + 1) * cell[1])
-    gen = torch.Generator().manual_seed(0)
-    grid = (torch.rand(n, 1, cells, cells, generator=gen) < p).float()
-    big = F.interpolate(grid, size=up, mode="bilinear", align_corners=False)
-    dy = torch.randint(0, cell[0], (n,), generator=gen)
-    dx = torch.randint(0, cell[1], (n,), generator=gen)
-    masks = torch.stack([big[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    masks = rise_masks(n, s["cells"], p, 0, (h, w))[:, None]
     stack = masks * x
     with torch.no_grad():
-        probs = torch.cat([model(stack[i:i + 64]).softmax(1) for i in range(0, n, 64)])
+        probs = torch.cat([model(stack[i:i + 100]).softmax(1) for i in range(0, n, 100)])
     return (probs[:, target] @ masks.view(n, -1)).view(1, h, w) / (n * p)
 
 
@@ -125,9 +117,9 @@ REFERENCES: dict[str, tuple[str, Reference]] = {
     "eigencam": ("pytorch-grad-cam EigenCAM", _grad_cam(pytorch_grad_cam.EigenCAM)),
     "scorecam": ("pytorch-grad-cam ScoreCAM", _grad_cam(pytorch_grad_cam.ScoreCAM)),
     "ablationcam": ("pytorch-grad-cam AblationCAM", _grad_cam(pytorch_grad_cam.AblationCAM)),
-    "rise": ("the authors' algorithm (eclique/RISE), same masks count, cells and p", _rise),
+    "rise": ("the authors' algorithm (eclique/RISE) on the same masks", _rise),
 }
-RANDOM = {"smoothgrad", "rise"}          # different random draws on each side: timed, not compared
+RANDOM = {"smoothgrad"}          # different random draws on each side: timed, not compared
 SCALED = {"gradcam", "gradcam_plusplus", "xgradcam", "layercam", "hirescam", "eigencam", "scorecam", "ablationcam"}
 
 

@@ -13,6 +13,7 @@ from pipeline.methods.cam import CAM
 from pipeline.methods.gradcam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from pipeline.methods.guided import GuidedBackprop, GuidedGradCAM
 from pipeline.methods.integrated_gradients import IntegratedGradients
+from pipeline.methods.masking import RISE, AblationCAM, ScoreCAM
 from pipeline.methods.occlusion import Occlusion
 from pipeline.methods.saliency import InputXGradient, Saliency, SmoothGrad
 from pipeline.methods.segmentation import Segmentation
@@ -30,6 +31,9 @@ METHODS: dict[str, type[MapMethod]] = {cls.name: cls for cls in (
     LayerCAM,
     HiResCAM,
     EigenCAM,
+    ScoreCAM,
+    AblationCAM,
+    RISE,
     GuidedBackprop,
     GuidedGradCAM,
     Segmentation,
