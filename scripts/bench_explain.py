@@ -51,7 +51,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "smoothgrad": {"samples": 10}, "integrated_gradients": {"steps": 50},
     "occlusion": {"window": 16, "stride": 8, "batch_size": 64}, "rise": {"masks": 500, "cells": 7, "p": 0.5, "seed": 0},
 }
-CHEAP = ("saliency", "input_x_gradient", "integrated_gradients", "guided_backprop", "gradcam", "gradcam_plusplus",
+CHEAP = ("saliency", "input_x_gradient", "guided_backprop", "gradcam", "gradcam_plusplus",
          "xgradcam", "layercam", "hirescam", "eigencam", "guided_gradcam")
 Reference = Callable[[nn.Module, torch.Tensor, int, str], torch.Tensor]
 
@@ -123,10 +123,11 @@ RANDOM = {"smoothgrad"}          # different random draws on each side: timed, n
 SCALED = {"gradcam", "gradcam_plusplus", "xgradcam", "layercam", "hirescam", "eigencam", "scorecam", "ablationcam"}
 
 
-def timed(fns: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """Median wall time in ms of each function over ``repeats`` rounds (after one warm-up round), and
-    its last output; the functions alternate within a round so load changes hit both alike."""
-    outs = {name: fn() for name, fn in fns.items()}
+def timed(fns: dict[str, Callable[[], Any]], repeats: int, warmup: bool = True) -> tuple[dict[str, float], dict[str, Any]]:
+    """Median wall time in ms of each function over ``repeats`` rounds (after one warm-up round unless
+    ``warmup`` is off: a call of many seconds needs none), and its last output; the functions
+    alternate within a round so load changes hit both alike."""
+    outs = {name: fn() for name, fn in fns.items()} if warmup else {}
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -167,17 +168,18 @@ def models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
 
 
 def bench_method(name: str, method: MapMethod, model: nn.Module, x: torch.Tensor, target: int,
-                 repeats: int, batch: int) -> dict[str, Any]:
+                 repeats: int, batch: int, warmup: bool = True) -> dict[str, Any]:
     """One method's entry: per-image times, ratio, output difference; batched figures for cheap methods."""
     layer = str(method.settings.get("layer") or "")
     entry: dict[str, Any] = {"settings": method.key_settings(), "threads": torch.get_num_threads()}
     if name not in REFERENCES:
-        ms, _ = timed({"ours": lambda: method(model, x, target)}, repeats)
+        ms, _ = timed({"ours": lambda: method(model, x, target)}, repeats, warmup)
         entry.update(ms=round(ms["ours"], 2), reference=None, reference_ms=None, speedup=None)
         print(f"  {name:22s} ours {ms['ours']:10.1f} ms   (no reference implementation)", flush=True)
         return entry
     label, ref = REFERENCES[name]
-    ms, out = timed({"ours": lambda: method(model, x, target), "ref": lambda: ref(model, x, target, layer)}, repeats)
+    ms, out = timed({"ours": lambda: method(model, x, target), "ref": lambda: ref(model, x, target, layer)},
+                    repeats, warmup)
     entry.update(ms=round(ms["ours"], 2), reference_ms=round(ms["ref"], 2), speedup=round(ms["ref"] / ms["ours"], 3),
                  reference=label, repeats=repeats)
     if name not in RANDOM:
@@ -223,7 +225,8 @@ def main() -> None:
         for name in args.methods:
             method = make_method(name, SETTINGS.get(name)).prepare(model, x)
             slow = METHODS[name].many_passes
-            results[name] = bench_method(name, method, model, x, target, 1 if slow else args.repeats, args.batch)
+            results[name] = bench_method(name, method, model, x, target, 1 if slow else args.repeats, args.batch,
+                                         warmup=not slow)
             OUT.parent.mkdir(parents=True, exist_ok=True)
             OUT.write_text(json.dumps(out, indent=2) + "\n")
     out["environment"] = {"torch": torch.__version__, "captum": captum.__version__, "threads": torch.get_num_threads(),

@@ -263,3 +263,39 @@ def test_methods_stage_lists_every_method_and_whether_it_applies(cfg) -> None:
     assert table.loc["gradcam", "applies"] == "yes" and table.loc["gradcam", "settings"] == "layer=features.relu4"
     assert table.loc["cam", "applies"].startswith("no: ") and "GAP localizer" in table.loc["cam", "applies"]
     assert summary["applicable"] == len(METHODS) - 1
+
+
+def test_batching_does_not_change_the_maps(cfg, tmp_path: Path) -> None:
+    over = ["explain.methods=[saliency,smoothgrad,gradcam,rise]", "explain.smoothgrad.samples=3",
+            "explain.rise.masks=32", "explain.metrics.enabled=false"]
+    one, _ = _explain(cfg, [*over, "explain.images_per_call=1"])
+    first = pd.read_parquet(one["table"])
+    maps = {(r.image_id, r.method): np.load(r.map_path) for r in first.itertuples()}
+    shutil.rmtree(tmp_path / "cache" / "artifacts")
+    many, cache = _explain(cfg, [*over, "explain.images_per_call=7"])
+    assert many["artifacts_computed"] == len(maps) and cache["artifacts/rise"]["misses"] == 10
+    for r in pd.read_parquet(many["table"]).itertuples():
+        np.testing.assert_allclose(np.load(r.map_path), maps[(r.image_id, r.method)], rtol=1e-4, atol=1e-6)
+    with pytest.raises(PipelineError, match="images_per_call=0 is not valid"):
+        _explain(cfg, ["explain.images_per_call=0"])
+
+
+def test_a_method_failing_on_one_image_names_it_and_keeps_the_rest(cfg, monkeypatch) -> None:
+    from pipeline.methods.saliency import Saliency
+
+    real, calls = Saliency.attribute, []
+
+    def flaky(self, model, x, target):
+        calls.append(x.shape[0])
+        if x.shape[0] > 1 or len(calls) == 4:  # the batch, then the third image alone
+            raise RuntimeError("boom")
+        return real(self, model, x, target)
+
+    monkeypatch.setattr(Saliency, "attribute", flaky)
+    over = ["explain.methods=[saliency]", "explain.metrics.enabled=false", "explain.images_per_call=5"]
+    with pytest.raises(PipelineError, match=r"saliency failed on image .*\.png \(id [0-9a-f]{12}\): RuntimeError: boom"
+                                            r".*Every artifact computed before it is cached"):
+        _explain(cfg, over)
+    monkeypatch.setattr(Saliency, "attribute", real)
+    result, cache = _explain(cfg, over)
+    assert cache["artifacts/saliency"] == {"hits": 2, "misses": 8} and result["artifacts_cached"] == 2

@@ -197,6 +197,19 @@ def _panel_name(item: Item) -> str:
     return f"{stem}_{item.image_id[:8]}.png"
 
 
+def images_per_call(spec: Any, x0: torch.Tensor) -> int:
+    """Images per batched method call: a number, or ``auto``: 32 on a GPU; on the CPU 16 for small
+    inputs and 2 from 160x160 up, where larger batches run slower per image (measured: saliency on
+    EfficientNet-Lite0 at 224, one thread, 59 ms an image at 2, 81 at 1, 128 at 32)."""
+    if str(spec) == "auto":
+        if x0.device.type != "cpu":
+            return 32
+        return 2 if x0.shape[-2] * x0.shape[-1] >= 160 * 160 else 16
+    if not str(spec).isdigit() or int(spec) < 1:
+        raise PipelineError(f"explain.images_per_call={spec} is not valid: use auto or a whole number >= 1.")
+    return int(spec)
+
+
 def run(ctx: Context) -> dict[str, Any]:
     """Select images, write each image x method artifact and each image's panel, score the maps."""
     ecfg = ctx.cfg.explain
@@ -212,9 +225,7 @@ def run(ctx: Context) -> dict[str, Any]:
                for it in items]
     x0 = bundle.transform(load_image(items[0].path))[None].to(ctx.device)
     explainer = Explainer(ctx, ecfg, build_methods(ctx, ecfg, names, x0))
-    per_call = int(ecfg.images_per_call)
-    if per_call < 1:
-        raise PipelineError(f"explain.images_per_call must be at least 1, got {per_call}.")
+    per_call = images_per_call(ecfg.images_per_call, x0)
     rows: list[dict[str, Any]] = []
     for start in range(0, len(items), per_call):
         chunk, chunk_targets = items[start:start + per_call], targets[start:start + per_call]
