@@ -13,56 +13,21 @@ from pytorch_grad_cam import HiResCAM as RefHiResCAM
 from pytorch_grad_cam import LayerCAM as RefLayerCAM
 from pytorch_grad_cam import XGradCAM as RefXGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.methods.base import NotApplicable
 from pipeline.methods.gradcam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+from tests.helpers import TinyResNet as Net
+from tests.helpers import trained_like
 
 PAIRS = [(GradCAM, RefGradCAM), (GradCAMPlusPlus, RefGradCAMPlusPlus), (XGradCAM, RefXGradCAM),
          (LayerCAM, RefLayerCAM), (HiResCAM, RefHiResCAM), (EigenCAM, RefEigenCAM)]
 
 
-class Block(nn.Module):
-    """A residual block (conv-bn-relu-conv-bn + skip, relu)."""
-
-    def __init__(self, c: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-        self.down = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
-        self.relu = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + self.down(x))
-
-
-class Net(nn.Module):
-    """stem -> block (full resolution) -> block2 (stride 2) -> GAP -> fc."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
-        self.block = Block(8)
-        self.block2 = Block(8, stride=2)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.block2(self.block(self.stem(x)))).flatten(1))
-
-
 @pytest.fixture(scope="module")
 def net() -> Net:
     torch.manual_seed(0)
-    model = Net()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):  # non-trivial running statistics, as a trained net has
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return trained_like(Net())
 
 
 def _minmax(maps: torch.Tensor) -> np.ndarray:

@@ -15,37 +15,10 @@ from torch import nn
 from pipeline.errors import PipelineError
 from pipeline.methods.masking import RISE, AblationCAM, RiseMasks, ScoreCAM, fold_batchnorm, rise_masks
 from pipeline.methods.registry import METHODS
+from tests.helpers import TinyResNet as Net
+from tests.helpers import trained_like
 
 TARGETS = [0, 3, 4]
-
-
-class Block(nn.Module):
-    """A residual block (conv-bn-relu-conv-bn + skip, relu)."""
-
-    def __init__(self, c: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-        self.down = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.down(x))
-
-
-class Net(nn.Module):
-    """stem -> block (full resolution) -> block2 (stride 2) -> GAP -> fc."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
-        self.block = Block(8)
-        self.block2 = Block(8, stride=2)
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.block2(self.block(self.stem(x))).mean(dim=(2, 3)))
 
 
 class DenseNet(nn.Module):
@@ -67,10 +40,7 @@ class DenseNet(nn.Module):
 def _seeded(model: nn.Module) -> nn.Module:
     torch.manual_seed(0)
     model = model()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):  # non-trivial running statistics, as a trained net has
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
+    trained_like(model)
     with torch.no_grad():  # a dead stem channel (constant zero): Score-CAM's shared zero-image pass
         model.stem[0].bias[1] = -100.0
     return model.eval()
