@@ -80,10 +80,11 @@ def capture(model: nn.Module, layer: str) -> Iterator[Capture]:
         handle.remove()
 
 
-def check_target(target: Target, num_classes: int, batch: int | None = None) -> torch.Tensor:
+def check_target(target: Target, num_classes: int | None, batch: int | None = None) -> torch.Tensor:
     """Validate target class indices and return them as a 1-D int64 tensor (length ``batch``).
 
     A single int is broadcast to the whole batch; a sequence or tensor gives one target per image.
+    ``num_classes=None`` leaves the range to a later check (on the logits).
     """
     t = torch.as_tensor(target)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
@@ -91,7 +92,7 @@ def check_target(target: Target, num_classes: int, batch: int | None = None) -> 
     t = t.reshape(-1).long()
     if t.numel() == 0:
         raise PipelineError("No target class given.")
-    bad = t[(t < 0) | (t >= num_classes)]
+    bad = t[(t < 0) | (t >= num_classes)] if num_classes is not None else t[:0]
     if bad.numel():
         raise PipelineError(
             f"Target class {int(bad[0])} is out of range: the model has {num_classes} classes "

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.methods.base import Explanation, MapMethod
+from pipeline.methods.base import Explanation, MapMethod, pass_size
 from pipeline.methods.hooks import Target, check_target
 
 
@@ -24,14 +24,19 @@ class SaliencyResult(NamedTuple):
 
 
 def input_gradient(model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor:
-    """d logit[target] / d x for each image (B,C,H,W); one forward and one backward pass."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = model(x)
-        t = check_target(target, logits.shape[1], x.shape[0]).to(logits.device)
-        score = logits.gather(1, t[:, None]).sum()
-    (grad,) = torch.autograd.grad(score, x)
-    return grad
+    """d logit[target] / d x for each image (B,C,H,W): a forward and a backward pass per
+    :func:`~pipeline.methods.base.pass_size` images."""
+    t_all = check_target(target, None, x.shape[0])
+    step = pass_size(x)
+    grads = []
+    for i in range(0, x.shape[0], step):
+        part = x[i:i + step].detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(part)
+            t = check_target(t_all[i:i + step], logits.shape[1], part.shape[0]).to(logits.device)
+            score = logits.gather(1, t[:, None]).sum()
+        grads.append(torch.autograd.grad(score, part)[0])
+    return grads[0] if len(grads) == 1 else torch.cat(grads)
 
 
 def saliency(model: nn.Module, x: torch.Tensor, target: Target, samples: int = 0,

@@ -198,13 +198,11 @@ def _panel_name(item: Item) -> str:
 
 
 def images_per_call(spec: Any, x0: torch.Tensor) -> int:
-    """Images per batched method call: a number, or ``auto``: 32 on a GPU; on the CPU 16 for small
-    inputs and 2 from 160x160 up, where larger batches run slower per image (measured: saliency on
-    EfficientNet-Lite0 at 224, one thread, 59 ms an image at 2, 81 at 1, 128 at 32)."""
+    """Images per batched method call (what is held in memory at once): a number, or ``auto``: 32
+    on a GPU, 16 on the CPU. Methods split a call into passes of their own size
+    (:func:`~pipeline.methods.base.pass_size`)."""
     if str(spec) == "auto":
-        if x0.device.type != "cpu":
-            return 32
-        return 2 if x0.shape[-2] * x0.shape[-1] >= 160 * 160 else 16
+        return 32 if x0.device.type != "cpu" else 16
     if not str(spec).isdigit() or int(spec) < 1:
         raise PipelineError(f"explain.images_per_call={spec} is not valid: use auto or a whole number >= 1.")
     return int(spec)
