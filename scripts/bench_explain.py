@@ -102,9 +102,9 @@ REFERENCES: dict[str, tuple[str, Reference]] = {
     "integrated_gradients": ("captum IntegratedGradients (50 steps, gausslegendre), summed over channels",
                              lambda m, x, t, _l: IntegratedGradients(m).attribute(
                                  x, target=t, n_steps=SETTINGS["integrated_gradients"]["steps"]).sum(1)),
-    "guided_backprop": ("captum GuidedBackprop, max |.| over channels",
+    "guided_backprop": ("captum GuidedBackprop, max |.| over channels (Captum does not guide ReLU6)",
                         lambda m, x, t, _l: GuidedBackprop(m).attribute(x, target=t).abs().amax(1)),
-    "guided_gradcam": ("captum GuidedGradCam (bilinear), max |.| over channels",
+    "guided_gradcam": ("captum GuidedGradCam (bilinear), max |.| over channels (Captum does not guide ReLU6)",
                        lambda m, x, t, l: GuidedGradCam(m, get_layer(m, l)).attribute(
                            x, target=t, interpolate_mode="bilinear").abs().amax(1)),
     "occlusion": ("captum Occlusion (same window, stride, zero fill, 64 per eval)", _captum_occlusion),
@@ -120,7 +120,9 @@ REFERENCES: dict[str, tuple[str, Reference]] = {
     "rise": ("the authors' algorithm (eclique/RISE) on the same masks", _rise),
 }
 RANDOM = {"smoothgrad"}          # different random draws on each side: timed, not compared
-NOT_COMPARED = RANDOM | {"cam"}  # cam's stand-in reference (Grad-CAM) computes something else
+# cam's stand-in reference (Grad-CAM) computes something else; Eigen-CAM's principal-component sign
+# is fixed here and arbitrary in pytorch-grad-cam (tests/test_cam_family.py compares up to the sign)
+NOT_COMPARED = RANDOM | {"cam", "eigencam"}
 SCALED = {"gradcam", "gradcam_plusplus", "xgradcam", "layercam", "hirescam", "eigencam", "scorecam", "ablationcam"}
 
 

@@ -80,11 +80,13 @@ class HiResCAM(LayerMethod):
 
 class EigenCAM(LayerMethod):
     """The activations' first principal component at each position (Muhammad & Yeasin 2020):
-    class-agnostic, no gradient. The sign of a principal component is arbitrary; it is taken as
-    LAPACK's SVD returns it (as the reference does), so the map can be of the other sign's ReLU."""
+    class-agnostic, no gradient. A principal component's sign is arbitrary (LAPACK builds may pick
+    either, and pytorch-grad-cam takes whatever numpy returns); here it is fixed so that the map
+    rises where the mean activation does, so the same model gives the same map on any machine."""
 
     name = "eigencam"
     title = "Eigen-CAM"
+    version = 2  # 2: the component's sign follows the mean activation
     uses_gradients = False
     description = "first principal component of the activations (class-agnostic; Muhammad & Yeasin 2020)"
 
@@ -94,12 +96,15 @@ class EigenCAM(LayerMethod):
 
 
 def first_component(act: torch.Tensor) -> torch.Tensor:
-    """Per image, the centred (h*w, C) activations projected on their first right singular vector."""
+    """Per image, the centred (h*w, C) activations projected on their first right singular vector,
+    signed to correlate positively with the mean activation over channels."""
     b, c, h, w = act.shape
     flat = torch.nan_to_num(act.detach().float()).flatten(2).transpose(1, 2)  # (B, hw, C)
     flat = flat - flat.mean(dim=1, keepdim=True)
     _, _, vh = torch.linalg.svd(flat, full_matrices=False)
-    return (flat @ vh[:, 0, :, None])[..., 0].reshape(b, h, w).to(act.dtype)
+    proj = (flat @ vh[:, 0, :, None])[..., 0]  # (B, hw)
+    sign = torch.where((proj * flat.mean(dim=2)).sum(1, keepdim=True) < 0, -1.0, 1.0)
+    return (sign * proj).reshape(b, h, w).to(act.dtype)
 
 
 def gradcam(model: nn.Module, x: torch.Tensor, target: Target, layer: str) -> torch.Tensor:
