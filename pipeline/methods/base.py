@@ -142,6 +142,26 @@ def pass_size(x: torch.Tensor) -> int:
     return x.shape[0]
 
 
+class FastLayout:
+    """Calls a model in ``channels_last`` on the CPU, the layout oneDNN's convolutions run natively
+    (1.1-1.5x faster), until the model rejects it (a ``view`` of a feature map, say): from then on
+    in the default layout. ``memory_format`` says which layout is in use."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model = model
+        self.memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.memory_format is not torch.channels_last:
+            return self.model(batch)
+        try:
+            return self.model(batch.contiguous(memory_format=torch.channels_last))
+        except RuntimeError:
+            out = self.model(batch)  # raises again when the layout was not the problem
+            self.memory_format = torch.contiguous_format
+            return out
+
+
 def targets_for(logits: torch.Tensor, target: Target) -> torch.Tensor:
     """Validated per-image target classes on the logits' device."""
     return check_target(target, logits.shape[1], logits.shape[0]).to(logits.device)

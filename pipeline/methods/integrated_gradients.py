@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.methods.base import Explanation, MapMethod
+from pipeline.methods.base import Explanation, FastLayout, MapMethod
 from pipeline.methods.hooks import Target, check_target
 from pipeline.methods.occlusion import gaussian_blur
 
@@ -69,16 +69,12 @@ def make_baseline(x: torch.Tensor, baseline: str, blur_sigma: float = 10.0) -> t
 
 
 def _end_scores(model: nn.Module, ends: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format]:
-    """The logits of the path's ends (images, then baselines) and the layout for the path images:
-    channels-last on the CPU, the layout oneDNN's convolutions run natively (1.1-1.5x faster), unless
-    the model's forward rejects it (a ``.view`` of a feature map, say)."""
+    """The logits of the path's ends (images, then baselines) and the layout for the path images
+    (:class:`~pipeline.methods.base.FastLayout`)."""
+    run = FastLayout(model, ends.device)
     with torch.no_grad():
-        if ends.device.type == "cpu":
-            try:
-                return model(ends.contiguous(memory_format=torch.channels_last)), torch.channels_last
-            except RuntimeError:
-                pass  # a genuine error is raised again by the contiguous pass
-        return model(ends), torch.contiguous_format
+        logits = run(ends)
+    return logits, run.memory_format
 
 
 def integrated_gradients(model: nn.Module, x: torch.Tensor, target: Target, baseline: torch.Tensor,

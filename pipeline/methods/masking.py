@@ -24,7 +24,7 @@ from torch.fx.experimental.optimization import fuse
 from torch.nn import functional as F
 
 from pipeline.errors import PipelineError
-from pipeline.methods.base import Explanation, LayerMethod, MapMethod, is_scripted
+from pipeline.methods.base import Explanation, FastLayout, LayerMethod, MapMethod, is_scripted
 from pipeline.methods.hooks import Target, check_target, get_layer
 
 
@@ -44,24 +44,12 @@ def fold_batchnorm(model: nn.Module, x0: torch.Tensor) -> nn.Module:
     return folded if same else model
 
 
-class Runner:
-    """The model on batches of masked inputs: in ``channels_last`` on CPU, where convolutions run
-    faster, unless the model rejects that layout (a ``view`` on a conv output), and with its
+class Runner(FastLayout):
+    """The model on batches of masked inputs, in the fast layout (:class:`FastLayout`) and with its
     BatchNorms folded (:func:`fold_batchnorm`) unless ``fold`` is off (for hooks on the model)."""
 
     def __init__(self, model: nn.Module, x0: torch.Tensor, fold: bool = True) -> None:
-        self.model = fold_batchnorm(model, x0) if fold else model
-        self.channels_last = x0.device.type == "cpu"
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        if not self.channels_last:
-            return self.model(batch)
-        try:
-            return self.model(batch.contiguous(memory_format=torch.channels_last))
-        except RuntimeError:
-            out = self.model(batch)  # raises again when the layout was not the problem
-            self.channels_last = False
-            return out
+        super().__init__(fold_batchnorm(model, x0) if fold else model, x0.device)
 
 
 def channel_maps(act: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
