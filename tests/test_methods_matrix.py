@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
+from pipeline.errors import PipelineError
 from pipeline.methods.base import NotApplicable
 from pipeline.methods.registry import METHODS, make_method
 from pipeline.models.digits import DigitsCNN, DigitsCNNFC
@@ -64,3 +65,20 @@ def test_every_method_on_every_model(model_and_input, name: str) -> None:
         assert extra.shape[0] == 2 and torch.isfinite(extra).all()
     assert not first.meta or len(first.meta) == 2
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+
+
+def test_library_explain_is_the_registry_method() -> None:
+    import pipeline
+
+    torch.manual_seed(0)
+    model, x = DigitsCNN(width=8).eval(), torch.randn(3, 1, 64, 64)
+    predicted = model(x).argmax(1)
+    direct = make_method("gradcam_plusplus").prepare(model, x[:1])(model, x, predicted)
+    torch.testing.assert_close(pipeline.explain(model, x, "gradcam_plusplus"), direct)
+    ig = pipeline.explain(model, x, "integrated_gradients", target=2, steps=8)
+    assert ig.shape == (3, 64, 64) and not torch.equal(ig, pipeline.explain(model, x, "integrated_gradients", target=5,
+                                                                            steps=8))
+    with pytest.raises(PipelineError, match="unknown explain method 'gradcamm'.*Did you mean: gradcam"):
+        pipeline.explain(model, x, "gradcamm")
+    with pytest.raises(PipelineError, match="not a setting of saliency"):
+        pipeline.explain(model, x, "saliency", steps=3)
