@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError, suggest
+from pipeline.methods.heads import find_gap_head, last_feature_map
 from pipeline.methods.hooks import (Target, capture, check_target, forward_until, require_conv_output,
                                     upsample)
 
@@ -169,8 +170,6 @@ def targets_for(logits: torch.Tensor, target: Target) -> torch.Tensor:
 
 def default_layer(model: nn.Module, x0: torch.Tensor) -> str:
     """The layer the GAP head reads, else the last spatial feature map: where CAMs look by default."""
-    from pipeline.methods.cam import find_gap_head, last_feature_map
-
     try:
         return find_gap_head(model, x0).layer
     except PipelineError:

@@ -225,19 +225,22 @@ def run(ctx: Context) -> dict[str, Any]:
     explainer = Explainer(ctx, ecfg, build_methods(ctx, ecfg, names, x0))
     per_call = images_per_call(ecfg.images_per_call, x0)
     rows: list[dict[str, Any]] = []
+    engines: dict[str, set[str]] = {name: set() for name in names}  # the engines the artifacts say they used
     for start in range(0, len(items), per_call):
         chunk, chunk_targets = items[start:start + per_call], targets[start:start + per_call]
         pictures = [load_image(it.path) for it in chunk]
         x = torch.stack([bundle.transform(img) for img in pictures])
         shown = [display_image(xi, bundle.mean, bundle.std) for xi in x]
         arts = {name: explainer.artifacts(name, chunk, x, shown, chunk_targets) for name in names}
+        for name in names:
+            engines[name].update(str(a.meta["engine_used"]) for a in arts[name] if "engine_used" in a.meta)
         for i, it in enumerate(chunk):
             box = None
             if it.box is not None and bool(ecfg.metrics.enabled):
                 box = input_box(it.box, pictures[i].size, bundle.transform, tuple(x.shape[-2:]))
             rows += image_rows(ctx, explainer, it, x[i], shown[i], preds.probs[it.image_id], chunk_targets[i], box,
                                {name: arts[name][i] for name in names}, out_dir / "panels" / _panel_name(it))
-    return write_outputs(ctx, explainer, pd.DataFrame(rows), out_dir, len(items))
+    return write_outputs(ctx, explainer, pd.DataFrame(rows), out_dir, len(items), engines)
 
 
 def image_rows(ctx: Context, explainer: Explainer, item: Item, x_cpu: torch.Tensor, image: np.ndarray,
@@ -279,8 +282,8 @@ def image_rows(ctx: Context, explainer: Explainer, item: Item, x_cpu: torch.Tens
     return rows
 
 
-def write_outputs(ctx: Context, explainer: Explainer, table: pd.DataFrame, out_dir: Path, n_images: int
-                  ) -> dict[str, Any]:
+def write_outputs(ctx: Context, explainer: Explainer, table: pd.DataFrame, out_dir: Path, n_images: int,
+                  engines: dict[str, set[str]]) -> dict[str, Any]:
     """artifacts.parquet, metrics.json and the printed quality table; returns the stage summary."""
     ecfg = explainer.ecfg
     table["label"] = table["label"].astype("Int64")
@@ -295,10 +298,8 @@ def write_outputs(ctx: Context, explainer: Explainer, table: pd.DataFrame, out_d
     metrics: dict[str, Any] = {"images": n_images, "target": str(ecfg.target), "params": metric_params(ecfg.metrics),
                                "methods": {}, "engines": {}, "conversions": {}}
     for name, method in explainer.methods.items():
-        folders = arts[arts["method"] == name]["artifact_dir"]
-        used = sorted({str(u) for u in (json_meta(f).get("engine_used") for f in folders) if u is not None})
-        if used:
-            metrics["engines"][name] = {"requested": str(method.settings.get("engine")), "used": used}
+        if engines[name]:
+            metrics["engines"][name] = {"requested": str(method.settings.get("engine")), "used": sorted(engines[name])}
         conversion = method.conversion_facts()
         if conversion:
             metrics["conversions"][name] = conversion
@@ -319,8 +320,3 @@ def write_outputs(ctx: Context, explainer: Explainer, table: pd.DataFrame, out_d
     atomic_write_json(metrics_path, metrics)
     result["metrics"] = str(metrics_path)
     return result
-
-
-def json_meta(folder: str) -> dict[str, Any]:
-    """An artifact's meta.json."""
-    return json.loads((Path(folder) / "meta.json").read_text())
