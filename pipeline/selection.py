@@ -18,7 +18,9 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig
+from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from pipeline.data.images import load_image, scan_file
 from pipeline.errors import PipelineError, suggest
@@ -46,14 +48,16 @@ class Item:
     split: str
     box: tuple[float, float, float, float] | None
     reason: str
+    mask: str | None = None
 
 
 def record_item(rec: pd.Series, reason: str) -> Item:
     label = rec.get("label")
     box = tuple(float(rec[c]) for c in ("box_x0", "box_y0", "box_x1", "box_y1")) if "box_x0" in rec else None
+    mask = rec.get("mask")
     return Item(str(rec["image_id"]), str(rec["path"]), None if pd.isna(label) else int(label),
                 str(rec.get("split", "all")), None if box is None or any(math.isnan(v) for v in box) else box,
-                reason)
+                reason, None if mask is None or pd.isna(mask) else str(mask))
 
 
 def adhoc_item(path: Path, reason: str) -> Item | None:
@@ -145,8 +149,17 @@ def labelled_records(ctx: Context) -> pd.DataFrame:
 
 
 def select_images(ctx: Context, scfg: DictConfig, preds: Predictions) -> list[Item]:
-    """The images to explain, in order: ids, paths, query, classes, misclassified, random."""
+    """The images to explain, in order: ids, paths, query, classes, misclassified, random; or
+    every image of ``split`` when ``all`` is set (in the dataset's order)."""
     records = labelled_records(ctx)
+    if scfg.get("all"):
+        split = scfg.get("split")
+        pool = records if split in (None, "all") else records[records["split"] == split]
+        if pool.empty:
+            splits = sorted(records["split"].astype(str).unique())
+            raise PipelineError(f"explain.select.all: split '{split}' has no images in dataset {ctx.dataset.name}; "
+                                f"its splits are {', '.join(splits)} (or all).")
+        return [record_item(r, "all") for _, r in pool.drop_duplicates("image_id").iterrows()]
     chosen: dict[str, Item] = {}
 
     def add(item: Item | None) -> None:
@@ -278,6 +291,39 @@ def resolve_target(spec: Any, item: Item, predicted: int, names: Sequence[str]) 
         raise PipelineError(f"explain.target={spec} is not valid.{suggest(spec, ['predicted', 'label', *names])} "
                             "Use predicted, label, a class index or a class name.")
     return class_index(spec, names, "explain.target")
+
+
+def geometric_steps(transform: Any) -> list[Any] | None:
+    """The transforms that move pixels (Resize, CenterCrop), in order; None when another one does
+    (its effect on boxes and masks is not known)."""
+    steps = transform.transforms if isinstance(transform, T.Compose) else [transform]
+    moving = [t for t in steps if not isinstance(t, NON_GEOMETRIC)]
+    return moving if all(isinstance(t, (T.Resize, T.CenterCrop)) for t in moving) else None
+
+
+def input_mask(path: str, size: tuple[int, int], transform: Any, input_hw: tuple[int, int]) -> torch.Tensor:
+    """An object mask PNG (nonzero = object) of an image of ``size`` (width, height) as a (H,W)
+    bool tensor in the model's input coordinates, through the same Resize and CenterCrop as the
+    image (nearest neighbour). Raises ValueError saying why when it cannot be used."""
+    steps = geometric_steps(transform)
+    if steps is None:
+        raise ValueError("the model's transform moves pixels in a way masks cannot follow")
+    try:
+        with Image.open(path) as im:
+            mask = im.convert("L")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read mask {path}: {err}") from err
+    if mask.size != tuple(size):
+        raise ValueError(f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is {size[0]}x{size[1]}")
+    for t in steps:
+        if isinstance(t, T.Resize):
+            mask = TF.resize(mask, t.size, interpolation=T.InterpolationMode.NEAREST, max_size=t.max_size)
+        else:
+            mask = TF.center_crop(mask, t.size)
+    out = torch.from_numpy(np.asarray(mask) > 0)
+    if tuple(out.shape) != tuple(input_hw):
+        raise ValueError(f"mask {path} maps to {tuple(out.shape)}, not the input's {tuple(input_hw)}")
+    return out
 
 
 def input_box(box: Sequence[float], size: tuple[int, int], transform: Any,

@@ -157,5 +157,28 @@ def render_section(report: Mapping[str, Any], class_names: Sequence[str] | None 
                          for r in _short_paths(ln["list"], ["path"])],
                         [("path", "file"), ("split", "split"), ("label", "label"), ("prediction", "prediction"),
                          ("confidence", "confidence")]))
+    rel = report.get("reliance") or {}
+    parts.append("<h3>Reliance: is the model looking at the object?</h3>")
+    if rel.get("note"):
+        parts.append(f"<p class=\"audit-note\">{html.escape(rel['note'])}</p>")
+    else:
+        flagged = rel.get("flagged_classes") or []
+        parts.append(f"<p class=\"audit-note\">{rel.get('images', 0)} images of split "
+                     f"{html.escape(str(rel.get('split')))}; flagged classes: "
+                     f"{html.escape(', '.join(map(str, flagged))) or 'none'}. {html.escape(rel.get('rule', ''))}</p>")
+        parts.append(_table([r for r in rel.get("per_class", []) if r.get("flagged")],
+                            [("class_name", "class"), ("method", "method"), ("images", "images"),
+                             ("inside_energy", "in-object energy"), ("outside_fraction", "looking outside"),
+                             ("reason", "why")], "no class flagged"))
+        if rel.get("energy_drops"):
+            parts.append("<h4>In-object energy dropped since the baseline</h4>" + _table(
+                rel["energy_drops"], [("class_name", "class"), ("method", "method"),
+                                      ("inside_energy_baseline", "was"), ("inside_energy", "now"),
+                                      ("inside_energy_delta", "delta")]))
+        if rel.get("drift"):
+            parts.append("<h4>Explanation drift: Spearman correlation with the baseline's maps</h4>" + _table(
+                sorted(rel["drift"], key=lambda r: (r.get("map_correlation") is None, r.get("map_correlation"))),
+                [("class_name", "class"), ("method", "method"), ("images", "images"),
+                 ("map_correlation", "mean correlation")]))
     parts.append("</div>")
     return "\n".join(parts) + "\n"

@@ -7,6 +7,7 @@ Layout of ``<snapshots>/<timestamp>/``::
     images.parquet    one row per file: path, image_id, label, split, prediction, confidence
     neurons.parquet   one row per (layer, channel): max (spatial max over every image), top (top-k image ids)
     thumbs.npz        image_id, thumbs (N, size*size uint8), size: reused for unchanged images
+    reliance.parquet  image_id, method, class, thumb (16x16 map): the next audit's explanation drift
 
 A snapshot is written into a hidden temporary folder and renamed into place, so a folder without
 a manifest never appears under its final name. ``latest`` is the newest *accepted* snapshot: one
@@ -53,6 +54,16 @@ class Snapshot:
                 return {}
             return dict(zip(z["image_id"].tolist(), z["thumbs"]))
 
+    def reliance_maps(self) -> pd.DataFrame | None:
+        """``image_id``, ``method``, ``class`` and ``thumb`` (256 float32) of the maps the audit's
+        reliance section scored, or None when this snapshot has none."""
+        f = self.path / "reliance.parquet"
+        if not f.exists():
+            return None
+        df = pq.read_table(f).to_pandas()
+        df["thumb"] = [np.asarray(t, np.float32) for t in df["thumb"]]
+        return df
+
 
 def _snapshot_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
@@ -98,7 +109,7 @@ def load(path: Path) -> Snapshot:
 
 
 def save(root: Path, manifest: dict[str, Any], images: pd.DataFrame, neurons: pd.DataFrame,
-         thumbs: tuple[np.ndarray, np.ndarray, int] | None) -> Path:
+         thumbs: tuple[np.ndarray, np.ndarray, int] | None, reliance: pd.DataFrame | None = None) -> Path:
     """Write a new snapshot under ``root`` atomically; returns its folder."""
     root.mkdir(parents=True, exist_ok=True)
     name = dt.datetime.now().strftime("%Y-%m-%dT%H-%M-%S.%f")
@@ -116,6 +127,13 @@ def save(root: Path, manifest: dict[str, Any], images: pd.DataFrame, neurons: pd
             ids, pixels, size = thumbs
             with open(tmp / "thumbs.npz", "wb") as f:
                 np.savez_compressed(f, image_id=np.asarray(ids, dtype=str), thumbs=pixels, size=np.int64(size))
+        if reliance is not None and len(reliance):
+            pq.write_table(pa.table({
+                "image_id": pa.array(reliance["image_id"].astype(str).tolist(), pa.string()),
+                "method": pa.array(reliance["method"].astype(str).tolist(), pa.string()),
+                "class": pa.array(reliance["class"].to_numpy(np.int64)),
+                "thumb": pa.array([np.asarray(t, np.float32) for t in reliance["thumb"]], pa.list_(pa.float32()))}),
+                tmp / "reliance.parquet", compression="zstd")
         atomic_write_json(tmp / "manifest.json", {"format": FORMAT, "version": VERSION, "name": name, **manifest})
         final = root / name
         os.replace(tmp, final)

@@ -49,8 +49,9 @@ def _scaled(img8: np.ndarray, size: int) -> np.ndarray:
 
 
 def render_canvas(rng: np.random.Generator, digit: np.ndarray, others: np.ndarray,
-                  p: ClutterParams) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """One canvas (float32 in [0,1]) and the digit's box (x0, y0, x1, y1), exclusive ends."""
+                  p: ClutterParams) -> tuple[np.ndarray, tuple[int, int, int, int], np.ndarray]:
+    """One canvas (float32 in [0,1]), the digit's box (x0, y0, x1, y1) with exclusive ends, and its
+    mask (bool, the canvas's size: the digit's own strokes)."""
     c = p.canvas
     canvas = np.zeros((c, c), dtype=np.float32)
     for other in others:
@@ -66,11 +67,13 @@ def render_canvas(rng: np.random.Generator, digit: np.ndarray, others: np.ndarra
     canvas[y:y + size, x:x + size] = np.maximum(canvas[y:y + size, x:x + size], glyph)
     ys, xs = np.nonzero(glyph > 0.1)
     box = (x + int(xs.min()), y + int(ys.min()), x + int(xs.max()) + 1, y + int(ys.max()) + 1)
-    return canvas, box
+    mask = np.zeros((c, c), dtype=bool)
+    mask[y:y + size, x:x + size] = glyph > 0.1
+    return canvas, box, mask
 
 
 def generate(p: ClutterParams) -> list[dict]:
-    """All canvases as dicts: split, index, label, box, and the uint8 image array."""
+    """All canvases as dicts: split, index, label, box, mask and the uint8 image array."""
     images, labels, is_train = _source_digits(p.seed)
     rng = np.random.default_rng(p.seed + 1)
     out: list[dict] = []
@@ -79,7 +82,7 @@ def generate(p: ClutterParams) -> list[dict]:
         for i in range(n):
             j = int(pool[rng.integers(len(pool))])
             others = images[rng.choice(np.flatnonzero(labels != labels[j]), size=p.n_fragments)]
-            canvas, box = render_canvas(rng, images[j], others, p)
-            out.append({"split": split, "index": i, "label": int(labels[j]), "box": box,
+            canvas, box, mask = render_canvas(rng, images[j], others, p)
+            out.append({"split": split, "index": i, "label": int(labels[j]), "box": box, "mask": mask,
                         "pixels": (canvas * 255 + 0.5).astype(np.uint8)})
     return out

@@ -51,6 +51,38 @@ def pointing_game(maps: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tenso
     return torch.tensor(hits)
 
 
+def box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Object masks (B,H,W) bool of boxes (B,4) ``(x0, y0, x1, y1)``: a pixel is inside when its
+    centre is (fractional boxes, as a resize leaves them, cover the pixels they mostly cover)."""
+    b = boxes.double().reshape(-1, 4)
+    ys = torch.arange(height, dtype=torch.float64, device=b.device) + 0.5
+    xs = torch.arange(width, dtype=torch.float64, device=b.device) + 0.5
+    in_y = (b[:, 1, None] <= ys) & (ys < b[:, 3, None])
+    in_x = (b[:, 0, None] <= xs) & (xs < b[:, 2, None])
+    return in_y[:, :, None] & in_x[:, None, :]
+
+
+def inside_energy(maps: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
+    """Share of each map's positive attribution inside its object mask (B,), the energy-based
+    pointing game of Score-CAM (Wang et al. 2020); NaN for a map with no positive mass."""
+    pos = maps.detach().double().clamp_min(0).flatten(1)
+    total = pos.sum(1)
+    inside = (pos * objects.flatten(1).to(pos)).sum(1)
+    return torch.where(total > 0, inside / total.clamp_min(1e-300), torch.full_like(total, math.nan))
+
+
+def pointing_mask(maps: torch.Tensor, objects: torch.Tensor, tolerance: float | None = None) -> torch.Tensor:
+    """Hits (bool, B): each map's argmax lies on its object mask grown by ``tolerance`` px
+    (default :func:`pointing_tolerance`), the pointing game for objects given as masks."""
+    b, h, w = maps.shape
+    tol = int(round(pointing_tolerance(h, w) if tolerance is None else tolerance))
+    grown = objects.float()[:, None]
+    if tol > 0:
+        grown = F.max_pool2d(grown, 2 * tol + 1, stride=1, padding=tol)
+    flat_arg = maps.detach().flatten(1).argmax(1)
+    return grown.flatten(1).gather(1, flat_arg[:, None].to(grown.device))[:, 0] > 0
+
+
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pairwise intersection over union (N,M) of boxes a (N,4) and b (M,4); empty union gives 0."""
     a, b = a.double().reshape(-1, 4), b.double().reshape(-1, 4)

@@ -15,7 +15,7 @@ from pipeline.report import data as rd
 from pipeline.report.assets import Assets
 from pipeline.report.html import Section, page
 from pipeline.report.sections import (audit_section, explanations_section, metrics_section, neurons_section,
-                                      overview_section, sanity_section)
+                                      overview_section, reliance_section, sanity_section)
 
 PAGE = "report.html"
 FILES = "report_files"
@@ -70,6 +70,7 @@ def build_report(run_dir: Path, title: str, subtitle: str, source_dir: Path | No
             neurons_section(neurons, store_note, rd.read_visualize(source_dir), assets),
             explanations_section(table, assets, max_explained),
             metrics_section(metrics),
+            reliance_section(*rd.read_reliance(source_dir, audit), assets),
             sanity_section(sanity, sanity_note, max_final_spearman, max_class_spearman, assets),
             audit_section(fragment, audit),
         ]

@@ -103,6 +103,17 @@ def read_audit(run_dir: Path) -> tuple[str | None, dict[str, Any] | None]:
     return text, read_json(folder / "audit.json")
 
 
+def read_reliance(run_dir: Path, audit: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
+    """The per-class reliance of a whole split: the explain stage's (``explain.select.all``), else
+    the audit's; and where it came from."""
+    section = read_json(run_dir / "explain" / "reliance.json")
+    if section is not None:
+        return section, "stage=explain with explain.select.all=true"
+    if audit is not None and (audit.get("reliance") or {}).get("per_class") is not None:
+        return audit["reliance"], "stage=audit"
+    return None, ""
+
+
 def read_quarantine(run_dir: Path) -> pd.DataFrame | None:
     """The run's quarantined files (path, reason), or None when the dataset was not loaded."""
     path = run_dir / "quarantine.csv"

@@ -282,6 +282,46 @@ def sanity_section(results: Sequence[SanityResult] | None, why_missing: str, max
 
 # --------------------------------------------------------------------------------- audit ---
 
+RELIANCE_COLUMNS = ("class_name", "method", "images", "with_object", "inside_energy", "pointing", "outside_fraction",
+                    "clusters", "flagged")
+
+
+def reliance_section(rel: dict[str, Any] | None, origin: str, assets: Assets) -> Section:
+    """Is the model looking at the object? Per class and method, the flag rule, and per flagged
+    class its worst images and where its attribution sits outside the object."""
+    title = "Reliance: is the model looking at the object?"
+    if rel is None:
+        return Section("reliance", title, note("No whole-split reliance: run stage=explain explain.select.all=true, "
+                                               "or stage=audit (its reliance section)."))
+    rows = rel.get("per_class") or []
+    parts = [facts({"images": rel.get("images"), "methods": ", ".join(rel.get("methods") or []), "from": origin,
+                    "flagged classes": ", ".join(map(str, rel.get("flagged_classes") or [])) or "none"}),
+             note(rel.get("rule", ""))]
+    if not rows:
+        parts.append(note("No class could be scored."))
+    else:
+        shown = [[", ".join(map(str, r[c])) if isinstance(r.get(c), list) else
+                  ("yes" if r.get(c) else "") if c == "flagged" else r.get(c) for c in RELIANCE_COLUMNS]
+                 for r in rows]
+        parts.append(table([c.replace("_", " ") for c in RELIANCE_COLUMNS], shown, cls="reliance"))
+    for r in rows:
+        if not r.get("flagged"):
+            continue
+        parts.append(f"<h3>Class {esc(r['class_name'])}, {esc(r['method'])}</h3>")
+        parts.append(note(r.get("reason", "")))
+        figs = r.get("figures") or {}
+        pictures = [figure(img(assets.file(figs[k], "reliance"), f"{r['class_name']} {k}"), caption)
+                    for k, caption in (("worst", "the images looking least at the object (object outlined in green)"),
+                                       ("outside_mean", "where the attribution sits outside the object (class mean)"))
+                    if figs.get(k)]
+        parts.extend(pictures)
+    if rel.get("object_problems"):
+        probs = rel["object_problems"]
+        parts.append(_details(f"{len(probs)} images scored without their box or mask",
+                              table(["file", "problem"], [[Path(p["path"]).name, p["problem"]] for p in probs])))
+    return Section("reliance", title, Raw("".join(parts)))
+
+
 def audit_section(fragment: str | None, audit: dict[str, Any] | None) -> Section:
     """stage=audit's own HTML fragment, or the top-level facts of audit.json, or a note."""
     if fragment is not None:

@@ -26,6 +26,9 @@ from pipeline.audit import AuditFailed, compare, pixels, snapshot
 from pipeline.audit.html import render_section
 from pipeline.cache import atomic_write_bytes, atomic_write_json, read_manifest
 from pipeline.errors import PipelineError, suggest
+from pipeline.explaining import explain_split, method_names, reliance_rules
+from pipeline.reliance.assess import assess, thumbs_table
+from pipeline.reliance.summary import drift
 from pipeline.runtime import Context
 from pipeline.store import ActivationStore, layer_dirname
 from pipeline.store.layout import META
@@ -40,6 +43,8 @@ CHECKS = {
     "new_dead_neurons": "{v:g} neurons are newly dead (limit {l:g})",
     "label_noise": "{v:g} labels disagree with a confident prediction (limit {l:g})",
     "pointing_drop": "the pointing-game rate of an explanation method dropped by {v:.3f} (limit {l:g})",
+    "flagged_classes": "{v:g} classes look away from their objects or use a second strategy (limit {l:g})",
+    "inside_energy_drop": "a class's in-object attribution energy dropped by {v:.3f} since the baseline (limit {l:g})",
 }
 
 
@@ -262,6 +267,46 @@ def label_noise_section(images: pd.DataFrame, base: snapshot.Snapshot | None, mi
     return {"min_confidence": min_conf, "count": len(noisy), "new": new, "list": _records(noisy, listed)}
 
 
+def reliance_section(ctx: Context, acfg: Any, base: snapshot.Snapshot | None, out_dir: Path,
+                     listed: int) -> tuple[dict[str, Any], dict[str, float | None], pd.DataFrame | None]:
+    """Is the model looking at the object, per class, on every image of ``audit.reliance.split``:
+    maps and scores from the map store (computing what no run or shard has stored), flags, the
+    in-object energy against the baseline and each image's map against the baseline's (drift).
+    Returns the section, its check values and the thumbs to snapshot."""
+    rcfg = acfg.reliance
+    if not bool(rcfg.enabled):
+        return {"note": "audit.reliance.enabled is false"}, {}, None
+    ecfg = ctx.cfg.explain.copy()
+    ecfg.methods = list(rcfg.methods)
+    names = method_names(ecfg)
+    scores, explainer = explain_split(ctx, ecfg, names, rcfg.split)
+    rules = reliance_rules(ecfg.reliance)
+    section = assess(scores, explainer.stores, ctx.model.class_names, rules, int(ctx.cfg.seed),
+                     out_dir / "reliance", ctx.model, str(ecfg.overlay.cmap), float(ecfg.overlay.alpha))
+    section.update(split=str(rcfg.split), maps_computed=int((~scores["cached"]).sum()),
+                   object_problems=explainer.problems[:listed], energy_drops=[], drift=[])
+    thumbs = thumbs_table(scores, explainer.stores)
+    values: dict[str, float | None] = {"flagged_classes": float(len(section["flagged_classes"])),
+                                       "inside_energy_drop": None}
+    if base is not None:
+        old = pd.DataFrame((base.manifest.get("reliance") or {}).get("per_class") or [])
+        now = pd.DataFrame(section["per_class"])
+        if not old.empty and not now.empty:
+            both = now.merge(old[["class_name", "method", "inside_energy"]], on=["class_name", "method"],
+                             suffixes=("", "_baseline"))
+            both["inside_energy_delta"] = both["inside_energy"] - both["inside_energy_baseline"]
+            drops = -both["inside_energy_delta"].dropna()
+            values["inside_energy_drop"] = float(drops.max()) if len(drops) else None
+            limit = _config_checks(acfg).get("max_inside_energy_drop")
+            worse = both[-both["inside_energy_delta"] > (limit if limit is not None else 0.0)]
+            section["energy_drops"] = _records(worse.sort_values("inside_energy_delta")[
+                ["class_name", "method", "inside_energy_baseline", "inside_energy", "inside_energy_delta"]], listed)
+        then = base.reliance_maps()
+        if then is not None:
+            section["drift"] = _records(drift(thumbs, then, ctx.model.class_names))
+    return section, values, thumbs
+
+
 # -------------------------------------------------------------------------------------- stage ---
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -338,12 +383,16 @@ def run(ctx: Context) -> dict[str, Any]:
                                                      listed)
     t = _timed(seconds, "duplicates", t)
     report["label_noise"] = label_noise_section(images, base, float(acfg.label_noise.min_confidence), listed)
+    t = _timed(seconds, "label_noise", t)
+    out_dir = ctx.run_dir / "audit"
+    report["reliance"], reliance_values, reliance_thumbs = reliance_section(ctx, acfg, base, out_dir, listed)
+    t = _timed(seconds, "reliance", t)
 
     values = {"accuracy_drop": -report["accuracy"]["delta"] if report["accuracy"]["delta"] is not None else None,
               "flip_fraction": report["flips"]["fraction"],
               "duplicates_across_splits": report["duplicates"]["across_splits"],
               "new_dead_neurons": report["dead_neurons"]["new"],
-              "label_noise": report["label_noise"]["count"], "pointing_drop": pointing_drop}
+              "label_noise": report["label_noise"]["count"], "pointing_drop": pointing_drop, **reliance_values}
     checks = compare.evaluate(values, limits)
     regressions = [CHECKS[c["check"]].format(v=c["value"], l=c["limit"]) for c in checks if c["failed"]]
     enforce = bool(acfg.enforce)
@@ -353,13 +402,13 @@ def run(ctx: Context) -> dict[str, Any]:
                     "dataset": {"name": ctx.dataset.name, "key": ctx.dataset.key},
                     "store_generation": store.generation, "layers": layers, "topk": k, "accuracy": acc_now,
                     "localization": _records(loc_now) if loc_now is not None else [],
+                    "reliance": {"per_class": report["reliance"].get("per_class", [])},
                     "regressions": regressions, "accepted": not regressions or not enforce}
-        report["snapshot"] = str(snapshot.save(root, manifest, images, neurons, thumbs))
+        report["snapshot"] = str(snapshot.save(root, manifest, images, neurons, thumbs, reliance_thumbs))
     _timed(seconds, "checks_and_snapshot", t)
     seconds["total"] = round(time.perf_counter() - start, 3)
     report["seconds"] = seconds
 
-    out_dir = ctx.run_dir / "audit"
     atomic_write_json(out_dir / "audit.json", report)
     atomic_write_bytes(out_dir / "section.html", render_section(report, ctx.model.class_names).encode())
     result = {"passed": not regressions, "regressions": len(regressions),
@@ -370,6 +419,7 @@ def run(ctx: Context) -> dict[str, Any]:
               "dead_neurons": report["dead_neurons"]["total"],
               "duplicates_across_splits": report["duplicates"]["across_splits"],
               "label_noise": report["label_noise"]["count"], "report": str(out_dir / "audit.json"),
+              "flagged_classes": report["reliance"].get("flagged_classes"),
               "snapshot": report["snapshot"]}
     if regressions and enforce:
         raise AuditFailed(f"audit failed: {'; '.join(regressions)}. Details: {out_dir / 'audit.json'}", result)

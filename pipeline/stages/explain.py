@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,39 +32,23 @@ from pipeline.artifacts import Artifact, Tile, artifact_key, display_image, disp
 from pipeline.cache import atomic_write_json, make_key
 from pipeline.data.images import load_image
 from pipeline.errors import PipelineError, suggest
-from pipeline.localizers import StageLocalizers
 from pipeline.methods.base import Explanation, MapMethod
 from pipeline.methods.cam import cam_box
-from pipeline.methods.metrics import box_iou, center_map, deletion, insertion, pointing_game
-from pipeline.methods.registry import METHODS, make_method
-from pipeline.runtime import Context, plain
+from pipeline.methods.metrics import box_iou, box_masks, center_map, deletion, inside_energy, insertion, pointing_game
+from pipeline.explaining import build_methods, curve_images, explain_split, images_per_call, method_names, \
+    reliance_rules
+from pipeline.reliance.assess import assess
+from pipeline.runtime import Context
 from pipeline.selection import Item, Predictions, input_box, resolve_target, select_images
 
 log = logging.getLogger(__name__)
 
-METRICS_VERSION = 1
-SCORE_COLUMNS = ("pointing_hit", "box_iou", "box_hit", "deletion_auc", "insertion_auc")
+METRICS_VERSION = 2  # 2: in-box energy
+SCORE_COLUMNS = ("pointing_hit", "inside_energy", "box_iou", "box_hit", "deletion_auc", "insertion_auc")
 
 
 # ------------------------------------------------------------------------------------------------
 # Methods and their artifacts
-
-
-def method_names(ecfg: DictConfig) -> list[str]:
-    """``explain.methods``, checked against the registry, duplicates dropped."""
-    names = [str(m) for m in ecfg.methods]
-    for m in names:
-        if m not in METHODS:
-            raise PipelineError(f"unknown explain method '{m}'.{suggest(m, METHODS)} Methods: {', '.join(METHODS)}.")
-    if not names:
-        raise PipelineError(f"explain.methods is empty: list some of {', '.join(METHODS)}.")
-    return list(dict.fromkeys(names))
-
-
-def build_methods(ctx: Context, ecfg: DictConfig, names: list[str], x0: torch.Tensor) -> dict[str, MapMethod]:
-    """Each named method from the registry with its ``explain.<name>`` block, prepared on ``x0``."""
-    env = StageLocalizers(ctx, int(ecfg.batch_size))
-    return {name: make_method(name, plain(ecfg.get(name))).prepare(ctx.model.module, x0, env) for name in names}
 
 
 class Explainer:
@@ -151,11 +136,12 @@ def metric_params(mcfg: DictConfig) -> dict[str, Any]:
 
 
 def score_map(ctx: Context, method: str, source_key: str, raw: np.ndarray, box: tuple[float, ...], x: torch.Tensor,
-              target: int, mparams: dict[str, Any], curves: bool = True) -> dict[str, float]:
-    """Pointing hit, box IoU and hit, deletion and insertion AUC of one map, cached under
-    ``metrics/<method>`` by the map's key, the box and the metric parameters."""
+              target: int, mparams: dict[str, Any], ranking: bool = True, curves: bool = True) -> dict[str, float]:
+    """In-box energy, pointing hit, box IoU and hit, and (with ``curves``) deletion and insertion
+    AUC of one map, cached under ``metrics/<method>`` by the map's key, the box and the metric
+    parameters. A 0/1 mask (``ranking`` false) gets no pointing hit and no curves."""
     key = make_key(kind="explain_metrics", version=METRICS_VERSION, source=source_key, box=list(box),
-                   params=mparams, curves=curves)
+                   params=mparams, curves=curves and ranking, ranking=ranking)
     kind = f"metrics/{method}"
     folder = ctx.cache.get(kind, key, fanout=True)
     if folder is not None:
@@ -165,10 +151,12 @@ def score_map(ctx: Context, method: str, source_key: str, raw: np.ndarray, box: 
     pred_box = cam_box(m[0], mparams["box_threshold"])
     iou = float(box_iou(pred_box[None], gt)[0, 0])
     out = {"box_iou": iou, "box_hit": float(iou >= mparams["iou"]),
+           "inside_energy": float(inside_energy(m, box_masks(gt, *m.shape[-2:]))[0]),
            "pred_box": [int(v) for v in pred_box.tolist()], "pointing_hit": math.nan,
            "deletion_auc": math.nan, "insertion_auc": math.nan}
-    if curves:
+    if ranking:
         out["pointing_hit"] = float(pointing_game(m, gt)[0])
+    if ranking and curves:
         mt = m.to(x.device)
         out["deletion_auc"] = float(deletion(ctx.model.module, x, target, mt, steps=mparams["steps"],
                                              baseline=mparams["deletion_baseline"]).auc[0])
@@ -180,10 +168,12 @@ def score_map(ctx: Context, method: str, source_key: str, raw: np.ndarray, box: 
 
 
 def summarize_metrics(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per method: images scored, pointing rate, box accuracy, mean IoU, mean deletion/insertion AUC."""
+    """Per method: images scored, pointing rate, in-box energy, box accuracy, mean IoU, mean
+    deletion/insertion AUC (over the images that got curves)."""
     scored = rows[rows["box_iou"].notna()]
     return scored.groupby("method", sort=False).agg(
-        images=("box_iou", "size"), pointing=("pointing_hit", "mean"), box_accuracy=("box_hit", "mean"),
+        images=("box_iou", "size"), pointing=("pointing_hit", "mean"), inside_energy=("inside_energy", "mean"),
+        box_accuracy=("box_hit", "mean"),
         mean_iou=("box_iou", "mean"), deletion_auc=("deletion_auc", "mean"),
         insertion_auc=("insertion_auc", "mean"))
 
@@ -197,20 +187,48 @@ def _panel_name(item: Item) -> str:
     return f"{stem}_{item.image_id[:8]}.png"
 
 
-def images_per_call(spec: Any, x0: torch.Tensor) -> int:
-    """Images per batched method call (what is held in memory at once): a number, or ``auto``: 32
-    on a GPU, 16 on the CPU. Methods split a call into passes of their own size
-    (:func:`~pipeline.methods.base.pass_size`)."""
-    if str(spec) == "auto":
-        return 32 if x0.device.type != "cpu" else 16
-    if not str(spec).isdigit() or int(spec) < 1:
-        raise PipelineError(f"explain.images_per_call={spec} is not valid: use auto or a whole number >= 1.")
-    return int(spec)
+def run_split(ctx: Context) -> dict[str, Any]:
+    """``explain.select.all``: every image of the split, scored; per-class reliance when unsharded."""
+    ecfg = ctx.cfg.explain
+    names = method_names(ecfg)
+    shard, num_shards = int(ctx.cfg.shard), int(ctx.cfg.num_shards)
+    out_dir = ctx.run_dir / "explain"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    scores, explainer = explain_split(ctx, ecfg, names, ecfg.select.get("split"), shard, num_shards)
+    seconds = time.perf_counter() - start
+    table_path = out_dir / "scores.parquet"
+    scores.to_parquet(table_path, index=False)
+    computed = int((~scores["cached"]).sum())
+    result: dict[str, Any] = {"images": int(scores["image_id"].nunique()), "methods": ",".join(names),
+                              "maps_computed": computed, "maps_cached": int(scores["cached"].sum()),
+                              "images_per_s": round(scores["image_id"].nunique() / max(seconds, 1e-9), 2),
+                              "scores": str(table_path), "object_problems": len(explainer.problems)}
+    if explainer.problems:
+        atomic_write_json(out_dir / "object_problems.json", explainer.problems)
+    if num_shards > 1:
+        result["note"] = (f"shard {shard} of {num_shards} written to the map store; stage=audit (or this stage "
+                          "unsharded) reads every shard's maps")
+        return result
+    section = assess(scores, explainer.stores, ctx.model.class_names, reliance_rules(ecfg.reliance),
+                     int(ctx.cfg.seed), out_dir / "reliance", ctx.model, str(ecfg.overlay.cmap),
+                     float(ecfg.overlay.alpha))
+    section["object_problems"] = explainer.problems
+    atomic_write_json(out_dir / "reliance.json", section)
+    table = pd.DataFrame(section["per_class"])
+    if not table.empty:
+        cols = ["class_name", "method", "images", "inside_energy", "pointing", "outside_fraction", "flagged"]
+        print(f"\nreliance per class on {result['images']} images ({section['rule']}):")
+        print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    result.update(reliance=str(out_dir / "reliance.json"), flagged_classes=section["flagged_classes"])
+    return result
 
 
 def run(ctx: Context) -> dict[str, Any]:
     """Select images, write each image x method artifact and each image's panel, score the maps."""
     ecfg = ctx.cfg.explain
+    if ecfg.select.get("all"):
+        return run_split(ctx)
     names = method_names(ecfg)
     bundle = ctx.model
     bundle.module.eval()
@@ -224,6 +242,8 @@ def run(ctx: Context) -> dict[str, Any]:
     x0 = bundle.transform(load_image(items[0].path))[None].to(ctx.device)
     explainer = Explainer(ctx, ecfg, build_methods(ctx, ecfg, names, x0))
     per_call = images_per_call(ecfg.images_per_call, x0)
+    classes = [it.label if it.label is not None else int(preds.probs[it.image_id].argmax()) for it in items]
+    curves = curve_images(items, classes, int(ecfg.metrics.curves_per_class))
     rows: list[dict[str, Any]] = []
     engines: dict[str, set[str]] = {name: set() for name in names}  # the engines the artifacts say they used
     for start in range(0, len(items), per_call):
@@ -239,13 +259,14 @@ def run(ctx: Context) -> dict[str, Any]:
             if it.box is not None and bool(ecfg.metrics.enabled):
                 box = input_box(it.box, pictures[i].size, bundle.transform, tuple(x.shape[-2:]))
             rows += image_rows(ctx, explainer, it, x[i], shown[i], preds.probs[it.image_id], chunk_targets[i], box,
-                               {name: arts[name][i] for name in names}, out_dir / "panels" / _panel_name(it))
+                               {name: arts[name][i] for name in names}, out_dir / "panels" / _panel_name(it),
+                               it.image_id in curves)
     return write_outputs(ctx, explainer, pd.DataFrame(rows), out_dir, len(items), engines)
 
 
 def image_rows(ctx: Context, explainer: Explainer, item: Item, x_cpu: torch.Tensor, image: np.ndarray,
                probs: np.ndarray, target: int, box: tuple[float, float, float, float] | None,
-               arts: dict[str, Artifact], panel_path: Path) -> list[dict[str, Any]]:
+               arts: dict[str, Artifact], panel_path: Path, curves: bool) -> list[dict[str, Any]]:
     """One image's table rows (one per method, scored given a box, and the centre baseline) and its panel."""
     bundle, ecfg = ctx.model, explainer.ecfg
     names = bundle.class_names
@@ -263,7 +284,7 @@ def image_rows(ctx: Context, explainer: Explainer, item: Item, x_cpu: torch.Tens
         scores: dict[str, Any] = {}
         if box is not None:
             scores = score_map(ctx, name, art.meta["map_key"], art.map, box, x, target, mparams,
-                               curves=not explainer.methods[name].produces_mask)
+                               ranking=not explainer.methods[name].produces_mask, curves=curves)
         title = name + (" (localizer)" if art.meta.get("converted") else "")
         outline = [("white", scores["pred_box"])] if "pred_box" in scores else []
         tiles.append(Tile(title, Image.open(art.overlay_path).convert("RGB"), outline))
@@ -273,7 +294,8 @@ def image_rows(ctx: Context, explainer: Explainer, item: Item, x_cpu: torch.Tens
     if box is not None:
         hw = tuple(x.shape[-2:])
         source = make_key(kind="center", image=item.image_id, model=bundle.key, target=target, hw=list(hw))
-        scores = score_map(ctx, "center", source, center_map(*hw).numpy(), box, x, target, mparams)
+        scores = score_map(ctx, "center", source, center_map(*hw).numpy(), box, x, target, mparams,
+                            curves=curves)
         rows.append({**base, "method": "center (baseline)", "key": None, "artifact_dir": None, "map_path": None,
                      "overlay_path": None, "cached": None, **{k: scores[k] for k in SCORE_COLUMNS}})
     header = (f"{Path(item.path).name}   label: {label_name or '-'}   pred: {names[pred]} ({probs[pred]:.2f})"

@@ -53,9 +53,9 @@ from pathlib import Path
 
 from pipeline.store.layout import layer_dirname
 from pipeline.store.search import KINDS, METRICS
-from pipeline.store.store import ActivationStore, Plan, normalize_records
+from pipeline.store.store import ActivationStore, Plan, normalize_records, shard_of
 
-__all__ = ["ActivationStore", "Plan", "normalize_records", "layer_dirname", "KINDS", "METRICS", "store_root"]
+__all__ = ["ActivationStore", "Plan", "normalize_records", "layer_dirname", "KINDS", "METRICS", "store_root", "shard_of"]
 
 
 def store_root(cache_root: str | Path, model_key: str) -> Path:

@@ -86,7 +86,7 @@ def _label_code(labels: Any) -> np.ndarray:
     return pd.array(labels, dtype="Int64").fillna(NA_LABEL).to_numpy(np.int64)
 
 
-def _shard_of(image_ids: Sequence[str], num_shards: int) -> np.ndarray:
+def shard_of(image_ids: Sequence[str], num_shards: int) -> np.ndarray:
     """Deterministic shard of each image id (crc32 mod num_shards)."""
     return np.fromiter((zlib.crc32(s.encode()) for s in image_ids), np.int64, len(image_ids)) % num_shards
 
@@ -251,7 +251,7 @@ class ActivationStore:
         for layer in layers:
             writer.done[layer] = self._done_rows(writer, layer, journals)
             need |= ~np.isin(recs["row_id"].to_numpy(), writer.done[layer])
-        in_shard = _shard_of(recs["image_id"].tolist(), num_shards) == shard
+        in_shard = shard_of(recs["image_id"].tolist(), num_shards) == shard
         todo = recs[need & in_shard].reset_index(drop=True)[["row_id", "image_id", "path", "label", "split"]]
         writer.planned = np.sort(todo["row_id"].to_numpy(np.int64))
         if journal.get("state"):
