@@ -74,15 +74,16 @@ def _affinity(vectors: np.ndarray, k: int) -> np.ndarray:
 
 
 def spectral_clusters(
-    vectors: np.ndarray, k_neighbours: int = 10, max_clusters: int = 8, seed: int = 0, min_eigengap: float = 0.0
+    vectors: np.ndarray, k_neighbours: int = 10, max_clusters: int = 8, seed: int = 0, min_gap_ratio: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cluster labels (numbered by size, largest = 0) and the Laplacian eigenvalues looked at.
 
     Symmetric k-NN graph from exact FAISS search (k_neighbours clipped to N-1), Gaussian affinity,
     normalised Laplacian L = I - D^-1/2 A D^-1/2 (dense eigh: O(N^3), fine for one class's maps),
-    number of clusters at the largest gap among the first max_clusters+1 eigenvalues (one cluster
-    when that gap is below ``min_eigengap``: maps that vary continuously, such as objects placed
-    anywhere, give a smooth spectrum, not separate strategies), then k-means
+    number of clusters k in 2..max_clusters at the largest relative eigengap
+    (lambda_k - lambda_{k-1}) / lambda_k: k clusters make k eigenvalues near zero, so the k-th gap
+    is nearly all of lambda_k. One cluster when no relative gap reaches ``min_gap_ratio``: maps that
+    vary continuously, such as objects placed anywhere, give a smooth spectrum, not strategies. Then k-means
     (faiss, seeded, 10 restarts) on the row-normalised first eigenvectors. Fewer than 3 vectors
     give one cluster and no eigenvalues.
     """
@@ -95,8 +96,8 @@ def spectral_clusters(
     laplacian = np.eye(n) - inv_sqrt[:, None] * affinity * inv_sqrt[None, :]
     values, vecs = np.linalg.eigh(laplacian)
     looked_at = values[: min(max_clusters + 1, n)]
-    gaps = np.diff(looked_at)
-    n_clusters = int(np.argmax(gaps)) + 1 if len(gaps) and gaps.max() >= min_eigengap else 1
+    ratios = (looked_at[2:] - looked_at[1:-1]) / np.maximum(looked_at[2:], EPS)  # k = 2, 3, ...
+    n_clusters = int(np.argmax(ratios)) + 2 if len(ratios) and ratios.max() >= min_gap_ratio else 1
     if n_clusters == 1:
         return np.zeros(n, dtype=np.int64), looked_at
     embedding = vecs[:, :n_clusters]
@@ -136,7 +137,7 @@ def find_strategies(
     min_size: int = 3,
     min_away: float = 0.5,
     rest_level: float = 0.2,
-    min_eigengap: float = 0.25,
+    min_gap_ratio: float = 0.75,
     seed: int = 0,
 ) -> Strategies:
     """One class's strategies: cluster its (N, H, W) explanation maps and flag second strategies.
@@ -147,7 +148,7 @@ def find_strategies(
     the whole class has no others and sits away by 0.
     """
     vectors = prepare_maps(maps, size)
-    labels, eigenvalues = spectral_clusters(vectors, k_neighbours, max_clusters, seed, min_eigengap)
+    labels, eigenvalues = spectral_clusters(vectors, k_neighbours, max_clusters, seed, min_gap_ratio)
     n = len(vectors)
     k = int(labels.max()) + 1 if n else 0
     sums = np.zeros((k, size * size))
@@ -162,8 +163,8 @@ def find_strategies(
 
 
 def describe_rule(max_fraction: float, min_size: int, min_away: float, rest_level: float,
-                  min_eigengap: float) -> str:
+                  min_gap_ratio: float) -> str:
     """The flag rule in words, for the report."""
     return (f"a cluster of at least {min_size} maps and at most {max_fraction:.0%} of the class (SpRAy: spectral "
-            f"clustering of the class's 16x16 maps, clusters only at an eigengap of {min_eigengap:g} or more) with at least {min_away:.0%} of its mean map's mass where the "
+            f"clustering of the class's 16x16 maps, clusters only at a relative eigengap of {min_gap_ratio:g} or more) with at least {min_away:.0%} of its mean map's mass where the "
             f"class's other maps' mean is below {rest_level:g} of its max")

@@ -32,10 +32,10 @@ class Rules:
 
     def text(self) -> str:
         if self.spray is not None:
-            s = {"max_fraction": 0.35, "min_size": 3, "min_away": 0.5, "rest_level": 0.2, "min_eigengap": 0.25,
+            s = {"max_fraction": 0.35, "min_size": 3, "min_away": 0.5, "rest_level": 0.2, "min_gap_ratio": 0.75,
                  **dict(self.spray)}
             second = "a second strategy: " + describe_spray(s["max_fraction"], s["min_size"], s["min_away"],
-                                                            s["rest_level"], s["min_eigengap"])
+                                                            s["rest_level"], s["min_gap_ratio"])
         else:
             second = "a second strategy (off)"
         return (f"A class is flagged when its mean in-object energy lies {describe_rule(self.k, self.min_gap)} "
