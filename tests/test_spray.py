@@ -42,7 +42,7 @@ def test_small_corner_strategy_is_found_and_flagged():
     assert result.mean_maps.shape == (2, 16, 16) and result.mean_maps.dtype == np.float32
     # the corner cluster's mean map has its mass in the top-left quarter
     corner = result.mean_maps[1]
-    assert corner[:8, :8].sum() > 0.9 * corner.sum()
+    assert corner[:8, :8].sum() > 0.7 * corner.sum()  # a quarter of the area; the noise spreads the rest
 
 
 def test_one_kind_of_map_flags_nothing():
