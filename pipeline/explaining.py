@@ -290,8 +290,18 @@ def reliance_rules(rcfg: DictConfig) -> Rules:
                  min_images=int(rcfg.flag.min_images), spray=spray if enabled else None)
 
 
+@dataclass
+class Split:
+    """The images of a split with their predictions, and which of them this shard handles."""
+
+    items: list[Item]
+    predicted: np.ndarray
+    keep: np.ndarray
+    per_call: int
+
+
 def explain_split(ctx: Context, ecfg: DictConfig, names: list[str], split: Any,
-                  shard: int = 0, num_shards: int = 1) -> tuple[pd.DataFrame, SplitExplainer]:
+                  shard: int = 0, num_shards: int = 1) -> tuple[pd.DataFrame, SplitExplainer, Split]:
     """Maps and scores of every image of ``split`` (this shard's part) for ``names``, through the
     map store; the scores table gets each image's class (label, else prediction) and prediction."""
     bundle = ctx.model
@@ -307,8 +317,8 @@ def explain_split(ctx: Context, ecfg: DictConfig, names: list[str], split: Any,
     x0 = bundle.transform(load_image(items[0].path))[None].to(ctx.device)
     explainer = SplitExplainer(ctx, ecfg, build_methods(ctx, ecfg, names, x0), int(ecfg.reliance.map_size))
     chosen = np.flatnonzero(keep)
-    scores = explainer.run([items[i] for i in chosen], [targets[i] for i in chosen], curves,
-                           images_per_call(ecfg.images_per_call, x0), ctx.progress)
+    per_call = images_per_call(ecfg.images_per_call, x0)
+    scores = explainer.run([items[i] for i in chosen], [targets[i] for i in chosen], curves, per_call, ctx.progress)
     per_image = pd.DataFrame({"image_id": [items[i].image_id for i in chosen], "class": [classes[i] for i in chosen],
                               "prediction": predicted[chosen], "split": [items[i].split for i in chosen]})
-    return scores.merge(per_image, on="image_id", how="left"), explainer
+    return scores.merge(per_image, on="image_id", how="left"), explainer, Split(items, predicted, keep, per_call)

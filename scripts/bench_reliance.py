@@ -83,7 +83,8 @@ def context(model: str, manifest: Path, outputs: Path) -> Any:
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         cfg = compose("config", overrides=[f"model={model}", "data=manifest", f"data.path={manifest}",
                                            f"paths.outputs={outputs}", "progress=false", "device=cpu",
-                                           "explain.methods=[saliency,gradcam,cam]", "explain.select.all=true"])
+                                           "explain.methods=[saliency,gradcam,cam]", "explain.select.all=true",
+                                           "explain.metrics.curves_per_class=0", "explain.causal.enabled=false"])
     return Context(cfg)
 
 

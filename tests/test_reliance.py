@@ -254,3 +254,31 @@ def test_audit_reliance_section_snapshots_drift_and_fails_on_flagged_classes(mak
     assert again["maps_computed"] == 0 and again["energy_drops"] == [] and values2["inside_energy_drop"] == 0.0
     assert {r["class_name"] for r in again["drift"]} == {"0", "1", "2", "3"}
     assert all(r["map_correlation"] == pytest.approx(1.0) for r in again["drift"])
+
+
+def test_causal_variants_flag_the_corner_class_and_are_cached(make_cfg, tmp_path: Path) -> None:
+    manifest = _dataset(tmp_path / "data", 6, {0: 6}, boxes=True)
+    cfg = make_cfg(_overrides(manifest, _scripted(tmp_path, corner_class=0), ["explain.causal.fill=constant"]))
+    out = explain_stage.run(Context(cfg))
+    causal = json.loads(Path(out["reliance"]).read_text())["causal"]
+    rows = {r["class_name"]: r for r in causal["rows"]}
+    assert rows["0"]["object_only_retention"] == 0.0 and rows["0"]["context_only_retention"] == 1.0
+    assert rows["0"]["flagged"] and "object_only retention" in rows["0"]["reason"]
+    assert all(rows[c]["object_only_retention"] == 1.0 and rows[c]["context_only_retention"] == 0.0
+               and not rows[c]["flagged"] for c in ("1", "2", "3"))
+    # pasted at its own place on a same-class context the object still wins; on a class-0 context the
+    # watermark there outvotes it, which is what mixed_rand (and bg_gap) are for
+    assert rows["1"]["mixed_same"] == 1.0 and rows["(all)"]["images"] == 24
+    assert rows["0"]["mixed_same"] == 1.0 and rows["0"]["mixed_rand"] == 0.0 and rows["0"]["bg_gap"] == 1.0
+    assert Path(rows["0"]["figure"]).is_file() and causal["fill"] == "constant"
+    again = explain_stage.run(Context(cfg))
+    assert again["flagged_classes"] == ["0"]
+    stored = list((tmp_path / "cache" / "causal" / "constant").glob("*/part-*.parquet"))
+    assert len(stored) == 1  # the re-run predicted nothing new
+
+
+def test_no_boxes_means_no_causal_rows_and_a_reason(make_cfg, tmp_path: Path) -> None:
+    manifest = _dataset(tmp_path / "data", 2, {}, boxes=False)
+    out = explain_stage.run(Context(make_cfg(_overrides(manifest, _scripted(tmp_path)))))
+    causal = json.loads(Path(out["reliance"]).read_text())["causal"]
+    assert causal["rows"] == [] and "no labelled image has a box or mask" in causal["note"]

@@ -72,15 +72,19 @@ def inside_energy(maps: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
 
 
 def pointing_mask(maps: torch.Tensor, objects: torch.Tensor, tolerance: float | None = None) -> torch.Tensor:
-    """Hits (bool, B): each map's argmax lies on its object mask grown by ``tolerance`` px
-    (default :func:`pointing_tolerance`), the pointing game for objects given as masks."""
+    """Hits (bool, B): each map's argmax lies within ``tolerance`` px (a square window; default
+    :func:`pointing_tolerance`) of its object mask: the pointing game for objects given as masks.
+    One integral image per mask counts the object pixels in each argmax's window."""
     b, h, w = maps.shape
     tol = int(round(pointing_tolerance(h, w) if tolerance is None else tolerance))
-    grown = objects.float()[:, None]
-    if tol > 0:
-        grown = F.max_pool2d(grown, 2 * tol + 1, stride=1, padding=tol)
-    flat_arg = maps.detach().flatten(1).argmax(1)
-    return grown.flatten(1).gather(1, flat_arg[:, None].to(grown.device))[:, 0] > 0
+    integral = F.pad(objects.to(torch.int32).cumsum(1).cumsum(2), (1, 0, 1, 0))
+    flat = maps.detach().flatten(1).argmax(1).to(objects.device)
+    py, px = flat // w, flat % w
+    y0, y1 = (py - tol).clamp(0, h), (py + tol + 1).clamp(0, h)
+    x0, x1 = (px - tol).clamp(0, w), (px + tol + 1).clamp(0, w)
+    i = torch.arange(b, device=objects.device)
+    count = integral[i, y1, x1] - integral[i, y0, x1] - integral[i, y1, x0] + integral[i, y0, x0]
+    return count > 0
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from pipeline.cache import atomic_write_bytes, atomic_write_json, read_manifest
 from pipeline.errors import PipelineError, suggest
 from pipeline.explaining import explain_split, method_names, reliance_rules
 from pipeline.reliance.assess import assess, thumbs_table
+from pipeline.reliance.backgrounds import causal_section
 from pipeline.reliance.summary import drift
 from pipeline.runtime import Context
 from pipeline.store import ActivationStore, layer_dirname
@@ -44,6 +45,8 @@ CHECKS = {
     "label_noise": "{v:g} labels disagree with a confident prediction (limit {l:g})",
     "pointing_drop": "the pointing-game rate of an explanation method dropped by {v:.3f} (limit {l:g})",
     "flagged_classes": "{v:g} classes look away from their objects or use a second strategy (limit {l:g})",
+    "object_only_drop": "a class's object-only retention dropped by {v:.3f} since the baseline: it leans more on "
+                        "the background (limit {l:g})",
     "inside_energy_drop": "a class's in-object attribution energy dropped by {v:.3f} since the baseline (limit {l:g})",
 }
 
@@ -279,15 +282,20 @@ def reliance_section(ctx: Context, acfg: Any, base: snapshot.Snapshot | None, ou
     ecfg = ctx.cfg.explain.copy()
     ecfg.methods = list(rcfg.methods)
     names = method_names(ecfg)
-    scores, explainer = explain_split(ctx, ecfg, names, rcfg.split)
+    scores, explainer, split = explain_split(ctx, ecfg, names, rcfg.split)
     rules = reliance_rules(ecfg.reliance)
     section = assess(scores, explainer.stores, ctx.model.class_names, rules, int(ctx.cfg.seed),
                      out_dir / "reliance", ctx.model, str(ecfg.overlay.cmap), float(ecfg.overlay.alpha))
     section.update(split=str(rcfg.split), maps_computed=int((~scores["cached"]).sum()),
                    object_problems=explainer.problems[:listed], energy_drops=[], drift=[])
+    if bool(ecfg.causal.enabled):
+        causal, _ = causal_section(ctx, ecfg.causal, rules, split.items, split.predicted, split.keep, split.per_call,
+                                   out_dir / "reliance")
+        section["causal"] = causal
+        section["flagged_classes"] = list(dict.fromkeys([*section["flagged_classes"], *causal["flagged_classes"]]))
     thumbs = thumbs_table(scores, explainer.stores)
     values: dict[str, float | None] = {"flagged_classes": float(len(section["flagged_classes"])),
-                                       "inside_energy_drop": None}
+                                       "inside_energy_drop": None, "object_only_drop": None}
     if base is not None:
         old = pd.DataFrame((base.manifest.get("reliance") or {}).get("per_class") or [])
         now = pd.DataFrame(section["per_class"])
@@ -301,6 +309,18 @@ def reliance_section(ctx: Context, acfg: Any, base: snapshot.Snapshot | None, ou
             worse = both[-both["inside_energy_delta"] > (limit if limit is not None else 0.0)]
             section["energy_drops"] = _records(worse.sort_values("inside_energy_delta")[
                 ["class_name", "method", "inside_energy_baseline", "inside_energy", "inside_energy_delta"]], listed)
+        old_causal = pd.DataFrame((base.manifest.get("reliance") or {}).get("causal") or [])
+        now_causal = pd.DataFrame((section.get("causal") or {}).get("rows") or [])
+        if not old_causal.empty and not now_causal.empty:
+            both = now_causal.merge(old_causal[["class_name", "object_only_retention"]], on="class_name",
+                                    suffixes=("", "_baseline"))
+            both["object_only_delta"] = both["object_only_retention"] - both["object_only_retention_baseline"]
+            drops = -both["object_only_delta"].dropna()
+            values["object_only_drop"] = float(drops.max()) if len(drops) else None
+            limit = _config_checks(acfg).get("max_object_only_drop")
+            worse = both[-both["object_only_delta"] > (limit if limit is not None else 0.0)]
+            section["causal"]["object_only_drops"] = _records(worse[
+                ["class_name", "object_only_retention_baseline", "object_only_retention", "object_only_delta"]], listed)
         then = base.reliance_maps()
         if then is not None:
             section["drift"] = _records(drift(thumbs, then, ctx.model.class_names))
@@ -402,7 +422,8 @@ def run(ctx: Context) -> dict[str, Any]:
                     "dataset": {"name": ctx.dataset.name, "key": ctx.dataset.key},
                     "store_generation": store.generation, "layers": layers, "topk": k, "accuracy": acc_now,
                     "localization": _records(loc_now) if loc_now is not None else [],
-                    "reliance": {"per_class": report["reliance"].get("per_class", [])},
+                    "reliance": {"per_class": report["reliance"].get("per_class", []),
+                                 "causal": (report["reliance"].get("causal") or {}).get("rows", [])},
                     "regressions": regressions, "accepted": not regressions or not enforce}
         report["snapshot"] = str(snapshot.save(root, manifest, images, neurons, thumbs, reliance_thumbs))
     _timed(seconds, "checks_and_snapshot", t)

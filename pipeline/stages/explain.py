@@ -38,6 +38,7 @@ from pipeline.methods.metrics import box_iou, box_masks, center_map, deletion, i
 from pipeline.explaining import build_methods, curve_images, explain_split, images_per_call, method_names, \
     reliance_rules
 from pipeline.reliance.assess import assess
+from pipeline.reliance.backgrounds import causal_section
 from pipeline.runtime import Context
 from pipeline.selection import Item, Predictions, input_box, resolve_target, select_images
 
@@ -187,6 +188,17 @@ def _panel_name(item: Item) -> str:
     return f"{stem}_{item.image_id[:8]}.png"
 
 
+def print_causal(causal: dict[str, Any]) -> None:
+    """The causal table, as the per-class reliance table is printed."""
+    if not causal["rows"]:
+        print(f"\ncausal reliance: {causal.get('note', 'no rows')}")
+        return
+    cols = ["class_name", "images", "accuracy", "object_only_retention", "context_only_retention", "mixed_same",
+            "mixed_rand", "bg_gap", "flagged"]
+    print(f"\ncausal reliance (predictions on variants, fill={causal['fill']}):")
+    print(pd.DataFrame(causal["rows"])[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
 def run_split(ctx: Context) -> dict[str, Any]:
     """``explain.select.all``: every image of the split, scored; per-class reliance when unsharded."""
     ecfg = ctx.cfg.explain
@@ -195,7 +207,12 @@ def run_split(ctx: Context) -> dict[str, Any]:
     out_dir = ctx.run_dir / "explain"
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    scores, explainer = explain_split(ctx, ecfg, names, ecfg.select.get("split"), shard, num_shards)
+    scores, explainer, split = explain_split(ctx, ecfg, names, ecfg.select.get("split"), shard, num_shards)
+    rules = reliance_rules(ecfg.reliance)
+    causal: dict[str, Any] | None = None
+    if bool(ecfg.causal.enabled):
+        causal, _ = causal_section(ctx, ecfg.causal, rules, split.items, split.predicted, split.keep, split.per_call,
+                                   out_dir / "reliance" if num_shards == 1 else None)
     seconds = time.perf_counter() - start
     table_path = out_dir / "scores.parquet"
     scores.to_parquet(table_path, index=False)
@@ -210,10 +227,13 @@ def run_split(ctx: Context) -> dict[str, Any]:
         result["note"] = (f"shard {shard} of {num_shards} written to the map store; stage=audit (or this stage "
                           "unsharded) reads every shard's maps")
         return result
-    section = assess(scores, explainer.stores, ctx.model.class_names, reliance_rules(ecfg.reliance),
-                     int(ctx.cfg.seed), out_dir / "reliance", ctx.model, str(ecfg.overlay.cmap),
-                     float(ecfg.overlay.alpha))
+    section = assess(scores, explainer.stores, ctx.model.class_names, rules, int(ctx.cfg.seed), out_dir / "reliance",
+                     ctx.model, str(ecfg.overlay.cmap), float(ecfg.overlay.alpha))
     section["object_problems"] = explainer.problems
+    if causal is not None:
+        section["causal"] = causal
+        section["flagged_classes"] = list(dict.fromkeys([*section["flagged_classes"], *causal["flagged_classes"]]))
+        print_causal(causal)
     atomic_write_json(out_dir / "reliance.json", section)
     table = pd.DataFrame(section["per_class"])
     if not table.empty:

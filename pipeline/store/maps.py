@@ -63,10 +63,11 @@ def thumbs(maps: torch.Tensor) -> torch.Tensor:
 
 
 class MapStore:
-    """The parts folder of one method's maps under one set of settings and one model."""
+    """The parts folder of one method's maps under one set of settings and one model (``kind``
+    names another per-image result kept the same way, such as ``causal`` predictions)."""
 
-    def __init__(self, root: Path, method: str, key: str, size: int) -> None:
-        self.folder = Path(root) / "maps" / method / key
+    def __init__(self, root: Path, method: str, key: str, size: int, kind: str = "maps") -> None:
+        self.folder = Path(root) / kind / method / key
         self.method = method
         self.size = size
 
