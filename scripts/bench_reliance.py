@@ -12,6 +12,10 @@ Data: 2000 clutter-digits test images (the built-in digits_cnn; the dataset gene
 EfficientNet-Lite0 images at 224 (random crops of scikit-image's photos, a centred box each).
 Each side runs in its own process so that ``peak_rss_mb`` is its own.
 
+Causal variants (the same images): object_only, context_only, mixed_same and mixed_rand built and
+predicted from a cold cache, against the bare forward pass of the images (loaded the same way):
+``causal_ratio_<model>`` = bare forward seconds / causal seconds.
+
 Writes ``outputs/bench/reliance.json``: ``speedup_<model>`` (baseline seconds / ours),
 ``images_per_s_<model>`` (ours), ``baseline_images_per_s_<model>``, ``peak_rss_mb`` (ours, the
 larger of the two models) and ``baseline_peak_rss_mb``, with the thread count.
@@ -137,6 +141,34 @@ def baseline(ctx: Any) -> float:
     return time.perf_counter() - start
 
 
+def causal(ctx: Any) -> float:
+    """The four causal variants of every image (built and predicted), from a cold cache."""
+    from pipeline.explaining import explain_split
+    from pipeline.reliance.backgrounds import CausalChecker
+
+    ecfg = ctx.cfg.explain.copy()
+    ecfg.methods = ["saliency"]
+    _, _, split = explain_split(ctx, ecfg, ["saliency"], "test")
+    shutil.rmtree(ctx.cache.root / "causal", ignore_errors=True)
+    start = time.perf_counter()
+    rows = CausalChecker(ctx, ecfg.causal).run(split.items, split.predicted, split.keep, split.per_call)
+    seconds = time.perf_counter() - start
+    assert len(rows) == len(split.items)
+    return seconds
+
+
+def forward(ctx: Any) -> float:
+    """The bare forward pass of the same images (loaded and transformed the same way, same batches)."""
+    from pipeline.data.images import load_image
+
+    bundle, paths = ctx.model, ctx.dataset.records["path"].tolist()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(paths), 256):
+            bundle.module(torch.stack([bundle.transform(load_image(p)) for p in paths[i:i + 256]])).argmax(1)
+    return time.perf_counter() - start
+
+
 def side(which: str, model: str, threads: int, workdir: Path) -> dict[str, Any]:
     torch.set_num_threads(threads)
     models = Path("outputs/cache/models").resolve()  # the trained built-in model, shared with the pipeline's cache
@@ -144,7 +176,7 @@ def side(which: str, model: str, threads: int, workdir: Path) -> dict[str, Any]:
     if models.is_dir() and not (workdir / "outputs" / "cache" / "models").exists():
         (workdir / "outputs" / "cache" / "models").symlink_to(models)
     ctx = context(model, workdir / "manifest.csv", workdir / "outputs")
-    seconds = ours(ctx) if which == "ours" else baseline(ctx)
+    seconds = {"ours": ours, "baseline": baseline, "causal": causal, "forward": forward}[which](ctx)
     return {"seconds": seconds, "images": len(ctx.dataset.records),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -153,7 +185,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--side", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=["ours", "baseline", "causal", "forward"], help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
@@ -167,7 +199,7 @@ def main() -> None:
             work = Path(tmp) / model
             make_data(model, MODELS[model], work)
             runs = {}
-            for which in ("ours", "baseline"):
+            for which in ("ours", "baseline", "causal", "forward"):
                 out = subprocess.run([sys.executable, __file__, "--side", which, "--models", model, "--threads",
                                       str(args.threads), "--workdir", str(work)], capture_output=True, text=True)
                 if out.returncode:
@@ -178,10 +210,13 @@ def main() -> None:
             result[f"images_per_s_{model}"] = round(n / runs["ours"]["seconds"], 2)
             result[f"baseline_images_per_s_{model}"] = round(n / runs["baseline"]["seconds"], 2)
             result[f"images_{model}"] = n
+            result[f"causal_ratio_{model}"] = round(runs["forward"]["seconds"] / runs["causal"]["seconds"], 3)
+            result[f"causal_images_per_s_{model}"] = round(n / runs["causal"]["seconds"], 2)
             result[f"peak_rss_mb_{model}"] = round(runs["ours"]["peak_rss_mb"], 1)
             result[f"baseline_peak_rss_mb_{model}"] = round(runs["baseline"]["peak_rss_mb"], 1)
             print(f"{model}: {n} images, ours {n / runs['ours']['seconds']:.1f} img/s, baseline "
-                  f"{n / runs['baseline']['seconds']:.1f} img/s -> {result[f'speedup_{model}']}x")
+                  f"{n / runs['baseline']['seconds']:.1f} img/s -> {result[f'speedup_{model}']}x; causal variants "
+                  f"{result[f'causal_images_per_s_{model}']} img/s = {result[f'causal_ratio_{model}']}x the bare forward")
     peaks = [v for k, v in result.items() if k.startswith("peak_rss_mb_")]
     result["peak_rss_mb"] = max(peaks) if peaks else None
     OUT.parent.mkdir(parents=True, exist_ok=True)

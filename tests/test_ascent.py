@@ -183,7 +183,9 @@ def test_render_raises_its_objective_and_is_deterministic(digits: DigitsCNN) -> 
 
 def test_render_batch_matches_single_renders(digits: DigitsCNN) -> None:
     objs = [A.neuron("features.conv2", 1), A.class_logit(7) - 0.5 * A.class_logit(1)]
-    kw = dict(steps=8, param="pixel", mean=[0.5], std=[0.5], transforms=[A.jitter(2)])
+    # Two steps: later ones amplify float rounding (batched and single convolutions round differently)
+    # through Adam's step normalisation near a ReLU boundary, by 0.01-0.03 after 4-8 steps on some CPUs.
+    kw = dict(steps=2, param="pixel", mean=[0.5], std=[0.5], transforms=[A.jitter(2)])
     batch = A.render(digits, objs, (1, 64, 64), **kw)
     for i, obj in enumerate(objs):
         one = A.render(digits, [obj], (1, 64, 64), **kw)
