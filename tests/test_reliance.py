@@ -260,8 +260,8 @@ def test_causal_variants_flag_the_corner_class_and_are_cached(make_cfg, tmp_path
     manifest = _dataset(tmp_path / "data", 6, {0: 6}, boxes=True)
     cfg = make_cfg(_overrides(manifest, _scripted(tmp_path, corner_class=0), ["explain.causal.fill=constant"]))
     out = explain_stage.run(Context(cfg))
-    causal = json.loads(Path(out["reliance"]).read_text())["causal"]
-    rows = {r["class_name"]: r for r in causal["rows"]}
+    rel = json.loads(Path(out["reliance"]).read_text())
+    rows = {r["class_name"]: r for r in rel["causal"]}
     assert rows["0"]["object_only_retention"] == 0.0 and rows["0"]["context_only_retention"] == 1.0
     assert rows["0"]["flagged"] and "object_only retention" in rows["0"]["reason"]
     assert all(rows[c]["object_only_retention"] == 1.0 and rows[c]["context_only_retention"] == 0.0
@@ -270,7 +270,7 @@ def test_causal_variants_flag_the_corner_class_and_are_cached(make_cfg, tmp_path
     # watermark there outvotes it, which is what mixed_rand (and bg_gap) are for
     assert rows["1"]["mixed_same"] == 1.0 and rows["(all)"]["images"] == 24
     assert rows["0"]["mixed_same"] == 1.0 and rows["0"]["mixed_rand"] == 0.0 and rows["0"]["bg_gap"] == 1.0
-    assert Path(rows["0"]["figure"]).is_file() and causal["fill"] == "constant"
+    assert Path(rows["0"]["figure"]).is_file() and rel["causal_check"]["fill"] == "constant"
     again = explain_stage.run(Context(cfg))
     assert again["flagged_classes"] == ["0"]
     stored = list((tmp_path / "cache" / "causal" / "constant").glob("*/part-*.parquet"))
@@ -280,5 +280,22 @@ def test_causal_variants_flag_the_corner_class_and_are_cached(make_cfg, tmp_path
 def test_no_boxes_means_no_causal_rows_and_a_reason(make_cfg, tmp_path: Path) -> None:
     manifest = _dataset(tmp_path / "data", 2, {}, boxes=False)
     out = explain_stage.run(Context(make_cfg(_overrides(manifest, _scripted(tmp_path)))))
-    causal = json.loads(Path(out["reliance"]).read_text())["causal"]
-    assert causal["rows"] == [] and "no labelled image has a box or mask" in causal["note"]
+    rel = json.loads(Path(out["reliance"]).read_text())
+    assert rel["causal"] == [] and "no labelled image has a box or mask" in rel["causal_check"]["note"]
+
+
+def test_masks_and_boxes_follow_resize_and_centre_crop(tmp_path: Path) -> None:
+    from torchvision import transforms as T
+
+    from pipeline.selection import input_box, input_mask
+
+    m = np.zeros((40, 80), np.uint8)   # an 80x40 image, object at x 50..70, y 10..30
+    m[10:30, 50:70] = 255
+    Image.fromarray(m).save(tmp_path / "m.png")
+    t = T.Compose([T.Resize(20), T.CenterCrop(20), T.ToTensor()])   # 80x40 -> 40x20 -> crop x 10..30
+    mask = input_mask(str(tmp_path / "m.png"), (80, 40), t, (20, 20))
+    ys, xs = np.nonzero(mask.numpy())
+    assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (15, 20, 5, 15)   # clipped by the crop at 20
+    assert input_box((50, 10, 70, 30), (80, 40), t, (20, 20)) == (15.0, 5.0, 20.0, 15.0)
+    with pytest.raises(ValueError, match="is 80x40 but its image is 60x40"):
+        input_mask(str(tmp_path / "m.png"), (60, 40), t, (20, 20))

@@ -175,10 +175,10 @@ def render_section(report: Mapping[str, Any], class_names: Sequence[str] | None 
                 rel["energy_drops"], [("class_name", "class"), ("method", "method"),
                                       ("inside_energy_baseline", "was"), ("inside_energy", "now"),
                                       ("inside_energy_delta", "delta")]))
-        causal = rel.get("causal") or {}
-        if causal.get("rows"):
+        causal = rel.get("causal_check") or {}
+        if rel.get("causal"):
             parts.append(f"<h4>Causal check (fill {html.escape(str(causal.get('fill')))})</h4>" + _table(
-                causal["rows"], [("class_name", "class"), ("images", "images"), ("accuracy", "accuracy"),
+                rel["causal"], [("class_name", "class"), ("images", "images"), ("accuracy", "accuracy"),
                                  ("object_only_retention", "object only"), ("context_only_retention", "context only"),
                                  ("mixed_same", "mixed same"), ("mixed_rand", "mixed rand"), ("bg_gap", "BG gap"),
                                  ("reason", "why flagged")]))

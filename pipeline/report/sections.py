@@ -315,19 +315,19 @@ def reliance_section(rel: dict[str, Any] | None, origin: str, assets: Assets) ->
                                        ("outside_mean", "where the attribution sits outside the object (class mean)"))
                     if figs.get(k)]
         parts.extend(pictures)
-    causal = rel.get("causal")
+    causal = rel.get("causal_check")
     if causal is not None:
         parts.append("<h3>Causal check: predictions on the object alone and the context alone</h3>")
         parts.append(note(f"fill: {causal.get('fill')}. {causal.get('fill_why', '')}"))
-        if not causal.get("rows"):
+        if not rel.get("causal"):
             parts.append(note(causal.get("note", "No causal rows.")))
         else:
             cols = ("class_name", "images", "accuracy", "object_only_retention", "context_only_retention",
                     "mixed_same", "mixed_rand", "bg_gap", "flagged")
             parts.append(table([c.replace("_", " ") for c in cols],
                                [[("yes" if r.get(c) else "") if c == "flagged" else r.get(c) for c in cols]
-                                for r in causal["rows"]], cls="reliance"))
-            for r in causal["rows"]:
+                                for r in rel["causal"]], cls="reliance"))
+            for r in rel["causal"]:
                 if r.get("flagged"):
                     parts.append(note(f"class {r['class_name']}: {r.get('reason', '')}"))
                     if r.get("figure"):

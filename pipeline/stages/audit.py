@@ -291,7 +291,8 @@ def reliance_section(ctx: Context, acfg: Any, base: snapshot.Snapshot | None, ou
     if bool(ecfg.causal.enabled):
         causal, _ = causal_section(ctx, ecfg.causal, rules, split.items, split.predicted, split.keep, split.per_call,
                                    out_dir / "reliance")
-        section["causal"] = causal
+        section["causal"] = causal.pop("rows")
+        section["causal_check"] = causal
         section["flagged_classes"] = list(dict.fromkeys([*section["flagged_classes"], *causal["flagged_classes"]]))
     thumbs = thumbs_table(scores, explainer.stores)
     values: dict[str, float | None] = {"flagged_classes": float(len(section["flagged_classes"])),
@@ -310,7 +311,7 @@ def reliance_section(ctx: Context, acfg: Any, base: snapshot.Snapshot | None, ou
             section["energy_drops"] = _records(worse.sort_values("inside_energy_delta")[
                 ["class_name", "method", "inside_energy_baseline", "inside_energy", "inside_energy_delta"]], listed)
         old_causal = pd.DataFrame((base.manifest.get("reliance") or {}).get("causal") or [])
-        now_causal = pd.DataFrame((section.get("causal") or {}).get("rows") or [])
+        now_causal = pd.DataFrame(section.get("causal") or [])
         if not old_causal.empty and not now_causal.empty:
             both = now_causal.merge(old_causal[["class_name", "object_only_retention"]], on="class_name",
                                     suffixes=("", "_baseline"))
@@ -319,7 +320,7 @@ def reliance_section(ctx: Context, acfg: Any, base: snapshot.Snapshot | None, ou
             values["object_only_drop"] = float(drops.max()) if len(drops) else None
             limit = _config_checks(acfg).get("max_object_only_drop")
             worse = both[-both["object_only_delta"] > (limit if limit is not None else 0.0)]
-            section["causal"]["object_only_drops"] = _records(worse[
+            section["causal_check"]["object_only_drops"] = _records(worse[
                 ["class_name", "object_only_retention_baseline", "object_only_retention", "object_only_delta"]], listed)
         then = base.reliance_maps()
         if then is not None:
@@ -423,7 +424,7 @@ def run(ctx: Context) -> dict[str, Any]:
                     "store_generation": store.generation, "layers": layers, "topk": k, "accuracy": acc_now,
                     "localization": _records(loc_now) if loc_now is not None else [],
                     "reliance": {"per_class": report["reliance"].get("per_class", []),
-                                 "causal": (report["reliance"].get("causal") or {}).get("rows", [])},
+                                 "causal": report["reliance"].get("causal") or []},
                     "regressions": regressions, "accepted": not regressions or not enforce}
         report["snapshot"] = str(snapshot.save(root, manifest, images, neurons, thumbs, reliance_thumbs))
     _timed(seconds, "checks_and_snapshot", t)

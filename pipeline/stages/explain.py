@@ -188,15 +188,15 @@ def _panel_name(item: Item) -> str:
     return f"{stem}_{item.image_id[:8]}.png"
 
 
-def print_causal(causal: dict[str, Any]) -> None:
+def print_causal(rows: list[dict[str, Any]], causal: dict[str, Any]) -> None:
     """The causal table, as the per-class reliance table is printed."""
-    if not causal["rows"]:
+    if not rows:
         print(f"\ncausal reliance: {causal.get('note', 'no rows')}")
         return
     cols = ["class_name", "images", "accuracy", "object_only_retention", "context_only_retention", "mixed_same",
             "mixed_rand", "bg_gap", "flagged"]
     print(f"\ncausal reliance (predictions on variants, fill={causal['fill']}):")
-    print(pd.DataFrame(causal["rows"])[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(pd.DataFrame(rows)[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
 def run_split(ctx: Context) -> dict[str, Any]:
@@ -231,9 +231,10 @@ def run_split(ctx: Context) -> dict[str, Any]:
                      ctx.model, str(ecfg.overlay.cmap), float(ecfg.overlay.alpha))
     section["object_problems"] = explainer.problems
     if causal is not None:
-        section["causal"] = causal
+        section["causal"] = causal.pop("rows")
+        section["causal_check"] = causal
         section["flagged_classes"] = list(dict.fromkeys([*section["flagged_classes"], *causal["flagged_classes"]]))
-        print_causal(causal)
+        print_causal(section["causal"], causal)
     atomic_write_json(out_dir / "reliance.json", section)
     table = pd.DataFrame(section["per_class"])
     if not table.empty:
