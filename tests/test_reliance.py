@@ -270,7 +270,7 @@ def test_causal_variants_flag_the_corner_class_and_are_cached(make_cfg, tmp_path
     # watermark there outvotes it, which is what mixed_rand (and bg_gap) are for
     assert rows["1"]["mixed_same"] == 1.0 and rows["(all)"]["images"] == 24
     assert rows["0"]["mixed_same"] == 1.0 and rows["0"]["mixed_rand"] == 0.0 and rows["0"]["bg_gap"] == 1.0
-    assert Path(rows["0"]["figure"]).is_file() and rel["causal_check"]["fill"] == "constant"
+    assert all(Path(rows[c]["figure"]).is_file() for c in "0123") and rel["causal_check"]["fill"] == "constant"
     again = explain_stage.run(Context(cfg))
     assert again["flagged_classes"] == ["0"]
     stored = list((tmp_path / "cache" / "causal" / "constant").glob("*/part-*.parquet"))

@@ -184,10 +184,10 @@ def causal_section(ctx: Context, ccfg: DictConfig, rules: Any, items: Sequence[I
         return section, rows
     table = causal_table(rows, rules.k, rules.min_gap)
     flagged = table[table["flagged"]]["class_name"].tolist()
-    if figures is not None and flagged:
+    if figures is not None:  # a few images of every class as variants, for the report
         mean = checker.mean_colour([it for it in items if it.label is not None and (it.box is not None or it.mask)])
-        examples = checker.examples(rows, flagged, figures, int(ccfg.examples), {it.image_id: it for it in items},
-                                    mean)
+        examples = checker.examples(rows, table["class_name"].iloc[:-1].tolist(), figures, int(ccfg.examples),
+                                    {it.image_id: it for it in items}, mean)
         table["figure"] = table["class_name"].map(examples)
     table = table.astype(object)
     section.update(rows=table.where(table.notna(), None).to_dict("records"), flagged_classes=flagged)

@@ -327,6 +327,10 @@ def reliance_section(rel: dict[str, Any] | None, origin: str, assets: Assets) ->
             parts.append(table([c.replace("_", " ") for c in cols],
                                [[("yes" if r.get(c) else "") if c == "flagged" else r.get(c) for c in cols]
                                 for r in rel["causal"]], cls="reliance"))
+            others = [figure(img(assets.file(r["figure"], "reliance"), f"{r['class_name']} variants"),
+                             f"class {r['class_name']}") for r in rel["causal"] if r.get("figure") and not r.get("flagged")]
+            if others:
+                parts.append(_details(f"Variants of the other {len(others)} classes", "".join(others)))
             for r in rel["causal"]:
                 if r.get("flagged"):
                     parts.append(note(f"class {r['class_name']}: {r.get('reason', '')}"))
