@@ -81,10 +81,19 @@ def fake_run(root: Path, n_images: int = 3, methods: tuple[str, ...] = ("salienc
     vis = [{"kind": "ascent", "layer": "features.relu4", "channel": 3, "png": str(_png(cache / "v" / "a.png", 7))},
            {"kind": "deconv", "layer": "features.relu4", "channel": 3, "rank": 0, "image_id": "0" * 64,
             "png": str(_png(cache / "v" / "d.png", 8)), "patch_png": str(_png(cache / "v" / "p.png", 9))},
+           {"kind": "guided", "layer": "features.relu4", "channel": 3, "rank": 0, "image_id": "0" * 64,
+            "png": str(_png(cache / "v" / "g.png", 12)), "patch_png": str(_png(cache / "v" / "p.png", 9))},
            {"kind": "class", "class_index": 0, "class_name": EVIL_CLASS, "value": 0.9,
             "png": str(_png(cache / "v" / "c.png", 10))}]
     (run / "visualize").mkdir()
     pd.DataFrame(vis).to_parquet(run / "visualize" / "index.parquet", index=False)
+    method = {"max_spearman": 0.8, "stride": [4, 4], "grid_limit": 0.3, "projections": 1}
+    (run / "visualize" / "projections.json").write_text(json.dumps({"layer": "features.relu4", "note": "configured", "methods": {
+        "deconvnet": {**method, "title": "deconvnet", "input_dependence": 0.93, "per_channel": {"3": 0.93},
+                      "flagged": True, "reason": f"{EVIL_CLASS} has no max-pool switches", "grid_dominated": 1,
+                      "grid_note": "1 of 1 deconvnet projections have more than 30% of their power on the grid"},
+        "guided_backprop": {**method, "title": "guided backprop", "input_dependence": 0.12, "per_channel": {"3": 0.12},
+                            "flagged": False, "reason": "", "grid_dominated": 0, "grid_note": ""}}}))
     (run / "audit").mkdir()
     (run / "audit" / "section.html").write_text('<p id="audit-fragment">3 images added</p>')
     pd.DataFrame({"path": [str(root / "data" / "bad<b>.png")], "reason": ["truncated"]}).to_csv(
@@ -167,12 +176,18 @@ def test_report_has_every_section_escapes_names_and_links_local_files(tmp_path: 
     assert "<title>fake &lt;report&gt;</title>" in text
     assert '<p id="audit-fragment">3 images added</p>' in text
     srcs, hrefs = local_targets(page)
-    assert len(srcs) == 3 * 3 + 1 + 1 + 3 + 1 + 1  # inputs+overlays, top image, crop, vis pictures, class, strip
+    assert len(srcs) == 3 * 3 + 1 + 1 + 5 + 1 + 1  # inputs+overlays, top image, crop, vis pictures, class, strip
     for target in srcs + hrefs:
         assert not re.match(r"^[a-z]+:", target), target  # relative only: no network, no absolute paths
         assert (page.parent / target).is_file(), target
     assert sum(h.endswith(".map.npy") for h in hrefs) == 6 and sum(h.endswith(".meta.json") for h in hrefs) == 6
     assert "FAIL" in text and "n/a" in text and "no GAP head" in text
+    neurons = text[text.index(">Neurons</h2>"):text.index(">Explanations</h2>")]
+    assert "deconvnet projections | patches · input Spearman 0.93" in neurons
+    assert "guided backprop projections | patches · input Spearman 0.12" in neurons
+    assert neurons.count("image-independent") == 2       # the summary row and channel 3's deconvnet heading
+    assert "has no max-pool switches" in neurons and "power on the grid" in neurons
+    assert "<img src=x" not in neurons
     assert not assets.missing
     assert not [p for p in page.parent.iterdir() if p.name.startswith(".")]
 
@@ -239,14 +254,35 @@ def test_sanity_flags_a_model_independent_method_and_passes_saliency() -> None:
     edge_map = lambda m, xx, t: xx.abs().sum(1)  # noqa: E731 - ignores the model and the class
     result, cascade = rs.check(model, x, top2[:, 0], top2[:, 1], edge_map, None, 0)
     assert result["steps"][-1] == pytest.approx(1.0) and result["class_spearman"] == pytest.approx(1.0)
-    rand_ok, class_ok, reason = rs.verdict(result, 0.5, 0.95)
+    rand_ok, class_ok, input_ok, reason = rs.verdict(result, 0.5, 0.95, 0.8)
     assert rand_ok is False and class_ok is False and "randomised" in reason and "two classes" in reason
+    assert input_ok is True and abs(result["input_spearman"]) < 0.1     # it does follow the image
     assert cascade.shape == (1 + len(result["layers"]), 64, 64)
     result, _ = rs.check(model, x, top2[:, 0], top2[:, 1], Saliency(), ["fc", "features.conv4"], 0)
     assert result["layers"] == ["fc", "features.conv4"] and result["images"] == 2
-    assert rs.verdict(result, 0.5, 0.95)[:2] == (True, True)
+    assert rs.verdict(result, 0.5, 0.95, 0.8)[:3] == (True, True, True)
     zero = lambda m, xx, t: torch.zeros(xx.shape[0], 64, 64)  # noqa: E731
-    assert rs.verdict(rs.check(model, x, top2[:, 0], top2[:, 1], zero, ["fc"], 0)[0], 0.5, 0.95)[:2] == (None, None)
+    assert rs.verdict(rs.check(model, x, top2[:, 0], top2[:, 1], zero, ["fc"], 0)[0], 0.5, 0.95, 0.8)[:3] == (
+        None, None, None)
+
+
+def test_sanity_input_check_flags_a_map_that_ignores_the_image() -> None:
+    """Kindermans et al.'s input side: a map that follows the model and the class but not the image."""
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    x = torch.randn(3, 1, 64, 64)
+    top2 = model(x).topk(2, dim=1).indices
+
+    def blind(m: torch.nn.Module, xx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The fc weights of the target class, tiled over the image: no pixel of ``xx`` is read."""
+        w = m.fc.weight[t.long()].detach()                     # (B, 128)
+        return w.repeat(1, 32)[:, :4096].view(-1, 64, 64) + 0 * xx.sum()
+
+    result, _ = rs.check(model, x, top2[:, 0], top2[:, 1], blind, ["fc"], 0)
+    assert result["input_spearman"] == pytest.approx(1.0) and result["input_target"] == int(top2[0, 0])
+    rand_ok, class_ok, input_ok, reason = rs.verdict(result, 0.5, 0.95, 0.8)
+    assert input_ok is False and "do not depend on the image" in reason
+    assert rand_ok is True and class_ok is True
 
 
 def test_report_source_latest_is_the_newest_run_with_stage_outputs(tmp_path: Path) -> None:
@@ -275,7 +311,7 @@ def test_report_in_headless_chromium(tmp_path: Path) -> None:
     shot = tmp_path / "report.png"
     state = open_in_chromium(page, shot)
     assert state["errors"] == [] and state["external"] == []
-    assert state["images"] == 16 and state["broken"] == []
+    assert state["images"] == 18 and state["broken"] == []  # with the guided projection and its patch
     assert state["pwned"] is None  # escaped names never ran as markup
     assert state["sections"][0] == "Dataset and model" and state["sections"][-1] == "Audit"
     assert shot.stat().st_size > 10_000 and Image.open(shot).size[0] == 1280

@@ -44,9 +44,10 @@ def test_pictures_grids_index_and_cache_hits(make_cfg, shared: Path) -> None:
     first = visualize(make_cfg, shared, *unique)
     assert first["layer"] == "features.relu4" and first["source"] == "store"
     assert first["deconv_mode"] == "explicit"
-    assert first["pictures"] == 2 + 2 * 4 + 10 and first["computed"] == first["pictures"]
+    assert first["projection"] == ["deconvnet", "guided_backprop"]      # digits have max-pool switches
+    assert first["pictures"] == 2 + 2 * 2 * 4 + 10 and first["computed"] == first["pictures"]
     index = pd.read_parquet(first["index"])
-    assert index["kind"].value_counts().to_dict() == {"class": 10, "deconv": 8, "ascent": 2}
+    assert index["kind"].value_counts().to_dict() == {"class": 10, "deconv": 8, "guided": 8, "ascent": 2}
     assert sorted(index.loc[index.kind == "class", "class_index"]) == list(range(10))
     deconv = index[index.kind == "deconv"]
     assert deconv["image_id"].notna().all() and sorted(deconv["rank"].unique()) == [0, 1, 2, 3]
@@ -56,7 +57,7 @@ def test_pictures_grids_index_and_cache_hits(make_cfg, shared: Path) -> None:
                 assert im.format == "PNG" and min(im.size) >= 26
     # Artifact layout: cache/artifacts/<method>/<key[:2]>/<key>/ with map, picture, meta, manifest.
     for row in index.itertuples():
-        method = {"ascent": "ascent", "class": "class_ascent", "deconv": "deconv"}[row.kind]
+        method = {"ascent": "ascent", "class": "class_ascent", "deconv": "deconv", "guided": "guided"}[row.kind]
         folder = shared / "artifacts" / method / row.key[:2] / row.key
         assert {"map.npy", "overlay.png", "meta.json", "manifest.json"} <= {p.name for p in folder.iterdir()}
     field = first["receptive_field"]

@@ -16,7 +16,14 @@ Two versions:
   two versions agree. Functional ``F.relu`` calls are not overridden (as in Captum), since only
   modules can be hooked.
 
-Both run the forward pass only up to the deepest selected layer. The projection is of a unit
+Both run the forward pass only up to the deepest selected layer.
+
+What the picture shows: the ReLU of the backward signal does not look at the forward pass, so the
+image enters only through max-pooling's switches (Mahendran & Vedaldi 2016, "Salient deconvolutional
+networks"). Without max-pool layers (EfficientNet, most modern networks) a unit's projection is the
+same pattern for every image, and each strided layer's transposed convolution spreads the signal
+on its stride grid: a checkerboard. ``pipeline.methods.dependence`` measures both;
+``pipeline.methods.guided.guided_projection`` is the projection that does depend on the image. The projection is of a unit
 signal at the selected position times the activation there when ``scale_by_activation`` (Zeiler &
 Fergus project the activation itself), or of a unit signal otherwise (what Captum's
 ``NeuronDeconvolution`` computes).
@@ -135,27 +142,57 @@ def relu_backward_override(model: nn.Module, function: type[torch.autograd.Funct
             m.inplace = flag
 
 
-def deconvnet(model: nn.Module, x: Tensor, layer: str | Sequence[str],
-              channel: int | Sequence[int], *, scale_by_activation: bool = True) -> DeconvResult:
-    """Deconvnet projection for any network, as a hooked backward pass.
-
-    ``layer``/``channel`` are one value for the whole batch or one per image. The ReLU modules'
-    outputs are rerouted through a function whose backward is ReLU of the gradient; in-place ReLUs
-    are made out-of-place for the call (an in-place ReLU would overwrite the value the override
-    needs), and every hook and flag is restored in ``finally``.
-    """
-    _require_eval(model, "deconvnet")
+def unit_projection(model: nn.Module, x: Tensor, layer: str | Sequence[str], channel: int | Sequence[int],
+                    relu_rule: type[torch.autograd.Function], *,
+                    scale_by_activation: bool = True) -> DeconvResult:
+    """The backward pass of each image's strongest unit of ``channel`` to the input, with every ReLU
+    module's backward replaced by ``relu_rule`` (see :func:`relu_backward_override`): the
+    deconvnet's rule here, guided backprop's in :func:`pipeline.methods.guided.guided_projection`.
+    ``layer``/``channel`` are one value for the whole batch or one per image."""
+    _require_eval(model, "a unit projection")
     _check_input(x)
     layers, channels = _per_image(layer, channel, x.shape[0])
     wanted = list(dict.fromkeys(layers))
     _resolve_layers(model, wanted)
-    with relu_backward_override(model, _DeconvReLU), torch.enable_grad():
+    with relu_backward_override(model, relu_rule), torch.enable_grad():
         xg = x.detach().clone().requires_grad_(True)
         acts = truncated_forward(model, xg, wanted)
         seeds, positions, values = _seeds(acts, layers, channels, scale_by_activation)
         (projection,) = torch.autograd.grad([acts[n] for n in wanted], [xg],
                                             grad_outputs=[seeds[n] for n in wanted])
     return DeconvResult(projection.detach(), positions, values)
+
+
+def deconvnet(model: nn.Module, x: Tensor, layer: str | Sequence[str],
+              channel: int | Sequence[int], *, scale_by_activation: bool = True) -> DeconvResult:
+    """Deconvnet projection for any network, as a hooked backward pass.
+
+    The ReLU modules' outputs are rerouted through a function whose backward is ReLU of the
+    gradient; in-place ReLUs are made out-of-place for the call (an in-place ReLU would overwrite
+    the value the override needs), and every hook and flag is restored in ``finally``. Nothing in
+    that backward reads the image except max-pooling's switches: on a network without max-pool
+    layers the projection of a unit is the same picture for every image (see :func:`max_pools_before`).
+    """
+    return unit_projection(model, x, layer, channel, _DeconvReLU, scale_by_activation=scale_by_activation)
+
+
+MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+             nn.AdaptiveMaxPool3d)
+
+
+def max_pools_before(model: nn.Module, x0: Tensor, layer: str) -> list[str]:
+    """Names of the max-pool modules the forward pass on ``x0`` runs before ``layer``'s output: the
+    switches through which a deconvnet's backward pass can depend on the image."""
+    called: list[str] = []
+    handles = [m.register_forward_hook(lambda _m, _i, _o, name=name: called.append(name))
+               for name, m in model.named_modules() if isinstance(m, MAX_POOLS)]
+    try:
+        with torch.no_grad():
+            truncated_forward(model, x0, [layer])
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(called))
 
 
 # --------------------------------------------------------------------------------------------

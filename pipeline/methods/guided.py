@@ -4,18 +4,25 @@ Guided backprop is the target score's gradient with respect to the input where e
 ``nn.ReLU6`` module's backward passes only the positive gradients, and only where the module's
 input was in its linear range: the ReLU's own gradient with its negative values zeroed (Captum's
 ``GuidedBackprop``, which overrides ``nn.ReLU`` modules only; here ReLU6 too). Functional
-``F.relu`` calls cannot be reached, so a model without ReLU modules is not applicable. Guided
-Grad-CAM multiplies the guided gradient by the Grad-CAM map upsampled to the input (Captum's
+``F.relu`` calls cannot be reached, so a model without ReLU modules is not applicable.
+
+For a unit instead of a class, :func:`guided_projection` is the deconvnet's projection of the unit
+with guided backprop's rule (Springenberg et al. Fig. 1): the forward's ReLU masks enter the backward
+pass, so the picture depends on the image even where the network has no max-pool switches.
+
+Guided Grad-CAM multiplies the guided gradient by the Grad-CAM map upsampled to the input (Captum's
 ``GuidedGradCam`` with ``interpolate_mode="bilinear"``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from pipeline.methods.base import Explanation, LocalizerSource, MapMethod, NotApplicable
-from pipeline.methods.deconvnet import relu_backward_override, relu_modules
+from pipeline.methods.deconvnet import DeconvResult, relu_backward_override, relu_modules, unit_projection
 from pipeline.methods.gradcam import GradCAM
 from pipeline.methods.hooks import Target
 from pipeline.methods.saliency import input_gradient
@@ -43,6 +50,13 @@ def guided_gradient(model: nn.Module, x: torch.Tensor, target: Target) -> torch.
     """The guided-backprop gradient (B,C,H,W) of the target scores; the model is left as it was."""
     with relu_backward_override(model, _GuidedReLU):
         return input_gradient(model, x, target)
+
+
+def guided_projection(model: nn.Module, x: torch.Tensor, layer: str | Sequence[str],
+                      channel: int | Sequence[int], *, scale_by_activation: bool = True) -> DeconvResult:
+    """Guided backprop of each image's strongest unit of ``channel`` in ``layer`` to the input
+    (same batching and result as :func:`pipeline.methods.deconvnet.deconvnet`)."""
+    return unit_projection(model, x, layer, channel, _GuidedReLU, scale_by_activation=scale_by_activation)
 
 
 def require_relu_modules(model: nn.Module, x0: torch.Tensor, method: str) -> None:

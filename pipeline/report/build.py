@@ -55,7 +55,8 @@ def build_report(run_dir: Path, title: str, subtitle: str, source_dir: Path | No
                  overview_note: str = "", neurons: Sequence[rd.StoreNeuron] | None = None, store_note: str = "",
                  sanity: Sequence[rd.SanityResult] | None = None, sanity_note: str = "",
                  max_final_spearman: float = 0.5, max_class_spearman: float = 0.95,
-                 max_explained: int | None = None, mode: str = "hardlink") -> tuple[Path, Assets]:
+                 max_explained: int | None = None, mode: str = "hardlink",
+                 max_input_spearman: float = 0.8) -> tuple[Path, Assets]:
     """The report in ``run_dir`` from plain data (overview, store neurons, sanity results) plus what the
     other stages wrote into ``source_dir`` (default ``run_dir``): explain, visualize and audit outputs.
     Returns the page's path and its assets."""
@@ -67,11 +68,11 @@ def build_report(run_dir: Path, title: str, subtitle: str, source_dir: Path | No
         fragment, audit = rd.read_audit(source_dir)
         sections = [
             overview_section(overview, overview_note),
-            neurons_section(neurons, store_note, rd.read_visualize(source_dir), assets),
+            neurons_section(neurons, store_note, *rd.read_visualize(source_dir), assets),
             explanations_section(table, assets, max_explained),
             metrics_section(metrics),
             reliance_section(*rd.read_reliance(source_dir, audit), assets),
-            sanity_section(sanity, sanity_note, max_final_spearman, max_class_spearman, assets),
+            sanity_section(sanity, sanity_note, max_final_spearman, max_class_spearman, max_input_spearman, assets),
             audit_section(fragment, audit),
         ]
         return builder.publish(title, subtitle, sections), assets

@@ -60,6 +60,8 @@ class SanityResult:
     randomization_ok: bool | None = None
     class_ok: bool | None = None
     strip: str | None = None         # PNG: the first image's map, then the map after each step
+    input_spearman: float = float("nan")   # mean Spearman between different images' maps, same class
+    input_ok: bool | None = None
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -90,9 +92,11 @@ def read_explain(run_dir: Path) -> tuple[pd.DataFrame | None, dict[str, Any] | N
     return read_parquet(folder / "artifacts.parquet"), read_json(folder / "metrics.json")
 
 
-def read_visualize(run_dir: Path) -> pd.DataFrame | None:
-    """stage=visualize's index of pictures (kind ascent / deconv / class)."""
-    return read_parquet(run_dir / "visualize" / "index.parquet")
+def read_visualize(run_dir: Path) -> tuple[pd.DataFrame | None, dict[str, Any] | None]:
+    """stage=visualize's index of pictures (kind ascent / deconv / guided / class) and its
+    projections' input-dependence summary (``projections.json``)."""
+    folder = run_dir / "visualize"
+    return read_parquet(folder / "index.parquet"), read_json(folder / "projections.json")
 
 
 def read_audit(run_dir: Path) -> tuple[str | None, dict[str, Any] | None]:

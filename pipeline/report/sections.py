@@ -86,28 +86,42 @@ def _vis_rows(vis: pd.DataFrame | None, kind: str) -> pd.DataFrame:
     return vis[vis["kind"] == kind]
 
 
+PROJECTION_KINDS = {"deconv": "deconvnet", "guided": "guided_backprop"}
+PROJECTION_NOTE = ("Projections map a channel's strongest unit back to the image. The deconvnet (Zeiler & Fergus) "
+                   "reads the image only through max-pooling's switches: without max-pool layers it draws the same "
+                   "pattern for every image, its filters spread on the layer's stride grid (a checkerboard). Guided "
+                   "backprop (Springenberg et al.) is also gated by the forward pass's ReLUs, so it depends on the "
+                   "image. Input dependence: the mean Spearman between the projections of a channel's different top "
+                   "images, aligned on the unit; near 1, the picture shows the network, not the image.")
+
+
 def neurons_section(neurons: Sequence[StoreNeuron] | None, store_note: str, vis: pd.DataFrame | None,
-                    assets: Assets) -> Section:
+                    projections: dict[str, Any] | None, assets: Assets) -> Section:
     """Per layer and neuron: its top images and their receptive-field crops (activation store), its
-    gradient-ascent picture and deconvnet projections (visualize stage); then the class pictures."""
+    gradient-ascent picture and projections (visualize stage) with their input dependence; then the
+    class pictures."""
     neurons = list(neurons or [])
-    ascent, deconv, classes = _vis_rows(vis, "ascent"), _vis_rows(vis, "deconv"), _vis_rows(vis, "class")
+    ascent, classes = _vis_rows(vis, "ascent"), _vis_rows(vis, "class")
+    projected = {kind: _vis_rows(vis, kind) for kind in PROJECTION_KINDS}
+    methods = (projections or {}).get("methods", {})
     order: dict[tuple[str, int], StoreNeuron | None] = {(n.layer, n.channel): n for n in neurons}
-    for frame in (ascent, deconv):
+    for frame in (ascent, *projected.values()):
         for layer, channel in zip(frame["layer"], frame["channel"]):
             order.setdefault((str(layer), int(channel)), None)
     parts: list[str] = []
     if not neurons:
         parts.append(note(store_note or "No activation store: run stage=extract for top images and crops."))
     if vis is None:
-        parts.append(note("No gradient-ascent or deconvnet pictures: stage=visualize did not run in this run."))
+        parts.append(note("No gradient-ascent pictures or projections: stage=visualize did not run in this run."))
+    if methods:
+        parts.append(projection_summary(projections or {}))
     layers = list(dict.fromkeys(layer for layer, _ in order))
     for layer in layers:
         parts.append(f"<h3>Layer {esc(layer)}</h3>")
         for (lay, channel), neuron in order.items():
             if lay != layer:
                 continue
-            parts.append(_neuron_block(layer, channel, neuron, ascent, deconv, assets))
+            parts.append(_neuron_block(layer, channel, neuron, ascent, projected, methods, assets))
     if len(classes):
         parts.append("<h3>Class visualisations (gradient ascent)</h3>")
         figs = []
@@ -120,8 +134,24 @@ def neurons_section(neurons: Sequence[StoreNeuron] | None, store_note: str, vis:
     return Section("neurons", "Neurons", Raw("".join(parts)))
 
 
+def projection_summary(projections: dict[str, Any]) -> str:
+    """What the projections draw, and per method its input dependence, verdict and notes."""
+    rows = []
+    for m in projections["methods"].values():
+        verdict = badge(None if m["input_dependence"] is None or pd.isna(m["input_dependence"]) else not m["flagged"],
+                        yes="depends on the image", no="image-independent")
+        rows.append([m["title"], m["input_dependence"], verdict, m["grid_dominated"], m["projections"],
+                     "; ".join(t for t in (m["reason"], m["grid_note"]) if t)])
+    limit = next(iter(projections["methods"].values()))["max_spearman"]
+    why = projections.get("note", "")
+    return "".join([note(PROJECTION_NOTE + f" Flagged above {limit}."),
+                    note(f"Projections drawn: {why}.") if why and why != "configured" else "",
+                    table(["projection", "input Spearman", "input dependence", "on the stride grid", "pictures",
+                           "note"], rows)])
+
+
 def _neuron_block(layer: str, channel: int, neuron: StoreNeuron | None, ascent: pd.DataFrame,
-                  deconv: pd.DataFrame, assets: Assets) -> str:
+                  projected: dict[str, pd.DataFrame], methods: dict[str, Any], assets: Assets) -> str:
     out = [f'<div class="neuron"><div class="label">{esc(layer)} : channel {channel}</div>']
     if neuron is not None:
         tops = [figure(img(assets.image(p, "inputs"), Path(p).name, title=p), cap, "small")
@@ -132,19 +162,28 @@ def _neuron_block(layer: str, channel: int, neuron: StoreNeuron | None, ascent: 
                      for i, c in enumerate(neuron.crops)]
             out.append(f'<h4>receptive-field crops around the strongest unit</h4><div class="row">{"".join(crops)}</div>')
     a = ascent[(ascent["layer"] == layer) & (ascent["channel"] == channel)]
-    d = deconv[(deconv["layer"] == layer) & (deconv["channel"] == channel)]
-    if len(a) or len(d):
+    if len(a):
+        figs = [figure(img(assets.image(r.png, "visualize"), "gradient ascent"), "gradient ascent")
+                for r in a.itertuples(index=False)]
+        out.append(f'<h4>gradient ascent</h4><div class="row">{"".join(figs)}</div>')
+    for kind, method in PROJECTION_KINDS.items():
+        d = projected[kind]
+        d = d[(d["layer"] == layer) & (d["channel"] == channel)]
+        if not len(d):
+            continue
+        title = methods.get(method, {}).get("title", method.replace("_", " "))
+        score = methods.get(method, {}).get("per_channel", {}).get(str(channel))
+        flagged = score is not None and not pd.isna(score) and score > methods[method]["max_spearman"]
+        heading = f"{esc(title)} projections | patches"
+        if score is not None and not pd.isna(score):
+            heading += f" · input Spearman {fmt(float(score), 2)} {badge(not flagged, 'depends on the image', 'image-independent')}"
         figs = []
-        for r in a.itertuples(index=False):
-            figs.append(figure(img(assets.image(r.png, "visualize"), "gradient ascent"), "gradient ascent"))
-        if len(d):
-            d = d.sort_values("rank") if "rank" in d else d
-            for r in d.itertuples(index=False):
-                pair = img(assets.image(r.png, "visualize"), "deconvnet projection")
-                patch = img(assets.image(getattr(r, "patch_png", None), "visualize"), "image patch")
-                rank = "" if pd.isna(getattr(r, "rank", None)) else f"#{int(r.rank) + 1} "
-                figs.append(figure(Raw(pair + patch), f"{rank}deconv | patch", "small"))
-        out.append(f'<h4>visualisations</h4><div class="row">{"".join(figs)}</div>')
+        for r in (d.sort_values("rank") if "rank" in d else d).itertuples(index=False):
+            pair = img(assets.image(r.png, "visualize"), f"{title} projection")
+            patch = img(assets.image(getattr(r, "patch_png", None), "visualize"), "image patch")
+            rank = "" if pd.isna(getattr(r, "rank", None)) else f"#{int(r.rank) + 1} "
+            figs.append(figure(Raw(pair + patch), f"{rank}{title} | patch", "small"))
+        out.append(f'<h4>{heading}</h4><div class="row">{"".join(figs)}</div>')
     out.append("</div>")
     return "".join(out)
 
@@ -252,8 +291,9 @@ def metrics_section(metrics: dict[str, Any] | None) -> Section:
 # -------------------------------------------------------------------------------- sanity ---
 
 def sanity_section(results: Sequence[SanityResult] | None, why_missing: str, max_final: float,
-                   max_class: float, assets: Assets) -> Section:
-    """One row per method: the cascading randomisation curve, the class check, and pass or FAIL."""
+                   max_class: float, max_input: float, assets: Assets) -> Section:
+    """One row per method: the cascading randomisation curve, the class check, the input check, and
+    pass or FAIL."""
     title = "Sanity checks"
     if not results:
         return Section("sanity", title, note(why_missing or "No sanity checks were run."))
@@ -261,8 +301,10 @@ def sanity_section(results: Sequence[SanityResult] | None, why_missing: str, max
                   "the output side (cascading); the curve is the mean Spearman rank correlation between the "
                   f"trained and the randomised model's maps after each step. It passes when the final value is "
                   f"≤ {max_final}. Class check: the mean Spearman between the maps for the predicted and the "
-                  f"second most likely class; it passes when ≤ {max_class}. A method that fails either check "
-                  "does not depend enough on what the model learned (or on the class) to be trusted.")]
+                  f"second most likely class; it passes when ≤ {max_class}. Input check (Kindermans et al. "
+                  "2017): the mean Spearman between the maps of different images for the same class (the first "
+                  f"image's predicted class); it passes when ≤ {max_input}. A method that fails a check does not "
+                  "depend enough on what the model learned, on the class, or on the image to be trusted.")]
     rows = []
     for r in results:
         curve = (sparkline([1.0, *r.steps], ["trained", *[f"after {layer}" for layer in r.layers]],
@@ -273,10 +315,12 @@ def sanity_section(results: Sequence[SanityResult] | None, why_missing: str, max
         verdict = badge(None if r.status == "n/a" else r.status == "pass")
         rows.append([Raw(f"<b>{esc(r.method)}</b>"), verdict, r.images,
                      r.final_spearman, badge(r.randomization_ok), Raw(curve + strip),
-                     r.class_spearman, r.class_rel_l2, badge(r.class_ok), r.reason])
+                     r.class_spearman, r.class_rel_l2, badge(r.class_ok), r.input_spearman, badge(r.input_ok),
+                     r.reason])
     parts.append(Raw('<div class="scroll">') + table(
         ["method", "verdict", "images", "final Spearman", "randomisation", "Spearman after each step / maps",
-         "class Spearman", "class rel. L2", "class check", "note"], rows) + Raw("</div>"))
+         "class Spearman", "class rel. L2", "class check", "input Spearman", "input check", "note"], rows)
+                 + Raw("</div>"))
     return Section("sanity", title, Raw("".join(parts)))
 
 

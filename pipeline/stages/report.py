@@ -41,7 +41,7 @@ from pipeline.views import CROP_SIZE, rf_crops
 
 log = logging.getLogger(__name__)
 
-SANITY_VERSION = 1
+SANITY_VERSION = 2
 SANITY_KIND = "artifacts/sanity"
 CROPS_VERSION = 1
 CROPS_KIND = "artifacts/report_crops"
@@ -254,6 +254,7 @@ def run_sanity(ctx: Context, source: Path, scfg: DictConfig) -> tuple[list[Sanit
         return [], "The model has no layer with parameters to randomise."
     seed = int(scfg.seed)
     max_final, max_class = float(scfg.max_final_spearman), float(scfg.max_class_spearman)
+    max_input = float(scfg.max_input_spearman)
     results = []
     for name in methods:
         method, why = sanity_method(ctx, name, x_all[:1])
@@ -278,16 +279,17 @@ def run_sanity(ctx: Context, source: Path, scfg: DictConfig) -> tuple[list[Sanit
                 rs.cascade_strip(cascade).save(tmp / "cascade.png")
             folder = ctx.cache.path(SANITY_KIND, key, fanout=True)
         result = json.loads((folder / "sanity.json").read_text())
-        rand_ok, class_ok, reason = rs.verdict(result, max_final, max_class)
+        rand_ok, class_ok, input_ok, reason = rs.verdict(result, max_final, max_class, max_input)
         status = "n/a" if rand_ok is None and class_ok is None else (
-            "fail" if False in (rand_ok, class_ok) else "pass")
+            "fail" if False in (rand_ok, class_ok, input_ok) else "pass")
         results.append(SanityResult(name, status, reason or ("" if status != "n/a" else "no usable map"),
                                     images=int(result["images"]), layers=list(result["layers"]),
                                     steps=[float(v) for v in result["steps"]],
                                     final_spearman=float(result["steps"][-1]) if result["steps"] else float("nan"),
                                     class_spearman=float(result["class_spearman"]),
                                     class_rel_l2=float(result["class_rel_l2"]), randomization_ok=rand_ok,
-                                    class_ok=class_ok, strip=str(folder / "cascade.png")))
+                                    class_ok=class_ok, strip=str(folder / "cascade.png"),
+                                    input_spearman=float(result["input_spearman"]), input_ok=input_ok))
     return results, ""
 
 
@@ -303,7 +305,7 @@ def run(ctx: Context) -> dict[str, Any]:
     source = source_dir(ctx, rcfg.get("source"))
     store, store_note = open_store(ctx)
     ov = overview(ctx, store, store_note)
-    vis = read_visualize(source)
+    vis, _ = read_visualize(source)
     neurons = store_neurons(ctx, store, vis, rcfg) if store is not None else []
     scfg = rcfg.sanity
     if bool(scfg.enabled):
@@ -316,7 +318,8 @@ def run(ctx: Context) -> dict[str, Any]:
                 + (f" · stage outputs from {source}" if source != ctx.run_dir else ""))
     max_explained = None if rcfg.get("max_explained") is None else int(rcfg.max_explained)
     page, assets = build_report(ctx.run_dir, title, subtitle, source, ov, "", neurons, store_note, sanity, sanity_note,
-                                float(scfg.max_final_spearman), float(scfg.max_class_spearman), max_explained, mode)
+                                float(scfg.max_final_spearman), float(scfg.max_class_spearman), max_explained, mode,
+                                float(scfg.max_input_spearman))
     failed = [r.method for r in sanity if r.status == "fail"]
     for r in sanity:
         if r.status == "fail":

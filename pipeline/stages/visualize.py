@@ -4,23 +4,23 @@ For one layer and a few of its channels (a list, a range, or the n most active) 
 
 * the gradient-ascent picture of each channel (``render`` with ``channel(layer, c)``, all channels
   in one batched, seeded call that runs the network only up to the layer);
-* the deconvnet projections of each channel's top dataset images (from the activation store, or
-  from a forward pass over a sample when the store lacks the layer), each beside its image patch:
-  the receptive field around the channel's strongest unit, as in Zeiler & Fergus's Fig. 2;
+* projections of each channel's top dataset images (from the activation store, or from a forward
+  pass over a sample when the store lacks the layer), each beside its image patch: the receptive
+  field around the channel's strongest unit, as in Zeiler & Fergus's Fig. 2. The deconvnet and
+  guided backprop, with a score per method of how much its projections depend on the image
+  (:mod:`pipeline.projections`; ``visualize/projections.json``);
 * the gradient-ascent picture of classes (every class of a small model such as the digits CNN, or
   the configured class names), with the model's confidence that the picture shows that class.
 
-Each picture is a cached artifact (``cache/artifacts/{ascent,class_ascent,deconv}/..``, keyed by
-method, version, parameters, model key and, for deconv, the image id), so a re-run reads them
+Each picture is a cached artifact (``cache/artifacts/{ascent,class_ascent,deconv,guided}/..``, keyed
+by method, version, parameters, model key and, for projections, the image id), so a re-run reads them
 back. The run folder gets the grids and ``visualize/index.parquet`` (one row per picture) for the
 report stage.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,31 +31,25 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig
-from PIL import Image
-from torchvision.utils import make_grid
 
-from pipeline.artifacts import META_FILE, OVERLAY_FILE, Artifact, artifact_key, artifact_kind, publish_artifact, read_artifact
-from pipeline.cache import Cache
+from pipeline.artifacts import Artifact, artifact_key, read_artifact
+from pipeline.cache import atomic_write_json
 from pipeline.data.loader import record_loader
 from pipeline.errors import PipelineError, suggest
 from pipeline.methods.activations import channel_stats
 from pipeline.methods.ascent import channel, class_objective, objective_values, render, truncated_forward
-from pipeline.methods.deconvnet import _HOOKED, deconvnet, deconvnet_explicit
-from pipeline.methods.receptive import receptive_field, unit_box
 from pipeline.models import ModelBundle
-from pipeline.runtime import Context, images_to_tensor, plain
+from pipeline.projections import channel_projections, resolve_deconv_mode, resolve_projections
+from pipeline.runtime import Context, plain
 from pipeline.selection import class_index
 from pipeline.store.layout import layer_dirname
+from pipeline.views import grid, load_png, safe_name, save_png, write_picture
 
 log = logging.getLogger(__name__)
 
 ASCENT_VERSION = 1
-DECONV_VERSION = 1
-PATCH_FILE = "patch.png"
-DECONV_MODES = ("auto", "explicit", "hooked")
-DISPLAY_QUANTILE = 0.995
+PROJECTIONS_FILE = "projections.json"
 ACTIVATIONS = (torch.nn.ReLU, torch.nn.ReLU6)
 
 
@@ -257,38 +251,6 @@ def top_images(stats: LayerStats, store: Any, layer: str, c: int, k: int, hw: tu
 
 # ---------------------------------------------------------------------- artifact writing ---
 
-def to_uint8(t: torch.Tensor) -> np.ndarray:
-    """(C, H, W) in [0, 1] -> (H, W) or (H, W, 3) uint8."""
-    arr = np.round(t.detach().float().clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
-    return arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
-
-
-def save_png(t: torch.Tensor, path: Path) -> None:
-    """Save a (C, H, W) picture in [0, 1] as a grayscale or RGB PNG."""
-    Image.fromarray(to_uint8(t)).save(path)
-
-
-def load_png(path: Path) -> torch.Tensor:
-    """A PNG as a (C, H, W) float tensor in [0, 1] (1 channel for grayscale)."""
-    with Image.open(path) as im:
-        arr = np.asarray(im).astype(np.float32) / 255.0
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(arr))
-
-
-def write_picture(cache: Cache, method: str, key: str, raw: np.ndarray, picture: torch.Tensor,
-                  meta: dict[str, Any], patch: torch.Tensor | None = None) -> Artifact:
-    """Write an artifact whose ``overlay.png`` is a picture in its own right (an ascent image, a
-    deconvnet projection) rather than a heat map over an image, which ``pipeline.artifacts``'s
-    heat-map writer does not draw; same layout: map.npy, overlay.png, meta.json (+ patch.png)."""
-    raw = np.asarray(raw, dtype=np.float32)
-    meta = {**meta, "method": method, "key": key, "shape": list(raw.shape), "extras": []}
-    pictures = {OVERLAY_FILE: lambda path: save_png(picture, path)}
-    if patch is not None:
-        pictures[PATCH_FILE] = lambda path: save_png(patch, path)
-    return publish_artifact(cache, method, key, raw, meta, pictures)
-
-
 def ascent_params(cfg: DictConfig, model: ModelBundle) -> dict[str, Any]:
     """The render keyword arguments from ``visualize.ascent`` (all of them change the picture)."""
     a = cfg.ascent
@@ -339,124 +301,23 @@ def class_confidences(model: ModelBundle, pictures: torch.Tensor, classes: list[
     return out
 
 
-# ------------------------------------------------------------------------------- deconv ---
-
-def resolve_deconv_mode(model: ModelBundle, layer: str, mode: str) -> tuple[str, str]:
-    """``explicit`` or ``hooked`` and why: auto tries the explicit deconvnet on a probe input and
-    takes the hooked one when the network is not a conv/ReLU/max-pool chain."""
-    if mode not in DECONV_MODES:
-        raise PipelineError(f"visualize.deconv.mode={mode!r} is not one of {', '.join(DECONV_MODES)}.")
-    if mode == "hooked":
-        return "hooked", "configured"
-    ref = next(model.module.parameters())
-    try:
-        deconvnet_explicit(model.module, torch.zeros(1, *model.input_shape, device=ref.device), layer, 0)
-    except PipelineError as e:
-        if _HOOKED not in str(e):
-            raise
-        if mode == "explicit":
-            raise PipelineError(f"visualize.deconv.mode=explicit cannot handle {model.name} up to {layer!r}: "
-                                f"{str(e).split(';')[0]}. Set visualize.deconv.mode=hooked (the hooked "
-                                f"backward pass handles BatchNorm, residual blocks and any other layer) or "
-                                f"mode=auto.") from None
-        return "hooked", str(e).split(";")[0]
-    return "explicit", "conv/ReLU/max-pool chain" if mode == "auto" else "configured"
-
-
-@dataclass
-class DeconvJob:
-    """One projection to compute: channel ``channel`` of the layer on one image."""
-
-    channel: int
-    rank: int
-    image_id: str
-    path: str
-    key: str
-
-
-def patch_views(projection: torch.Tensor, image: torch.Tensor, box: tuple[int, int, int, int],
-                min_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The projection and the image cropped to ``box``, for display: the projection centred on grey
-    (0.5 = zero) and scaled by the 99.5th percentile of its magnitude (a few peak pixels would
-    otherwise leave the rest grey), both enlarged (nearest) to ``min_size`` pixels."""
-    x0, y0, x1, y1 = box
-    proj = projection[:, y0:y1, x0:x1]
-    top = float(torch.quantile(proj.abs().flatten().float(), DISPLAY_QUANTILE)) if proj.numel() else 0.0
-    top = top if top > 0 else float(proj.abs().max()) if proj.numel() else 0.0
-    proj = proj / (2 * top) + 0.5 if top > 0 else torch.full_like(proj, 0.5)
-    crop = image[:, y0:y1, x0:x1]
-    factor = math.ceil(min_size / max(proj.shape[1:])) if max(proj.shape[1:]) < min_size else 1
-    if factor > 1:
-        proj = F.interpolate(proj[None], scale_factor=factor, mode="nearest")[0]
-        crop = F.interpolate(crop[None], scale_factor=factor, mode="nearest")[0]
-    return proj.clamp(0, 1), crop.clamp(0, 1)
-
-
-def compute_deconv(ctx: Context, layer: str, hw: tuple[int, int], jobs: list[DeconvJob], mode: str,
-                   field: tuple[int, int], params: dict[str, Any]) -> None:
-    """Run the deconvnet on the jobs' images in batches and write one artifact per job."""
-    model = ctx.model
-    cfg = ctx.cfg.visualize
-    fn = deconvnet_explicit if mode == "explicit" else deconvnet
-    mean = torch.as_tensor(model.mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.as_tensor(model.std, dtype=torch.float32).view(-1, 1, 1)
-    c, h, w = model.input_shape
-    bs = max(1, int(cfg.batch_size))
-    for s in range(0, len(jobs), bs):
-        batch = jobs[s:s + bs]
-        x = images_to_tensor([j.path for j in batch], model.transform)
-        res = fn(model.module, x.to(ctx.device), layer, [j.channel for j in batch],
-                 scale_by_activation=bool(cfg.deconv.scale_by_activation))
-        for i, job in enumerate(batch):
-            y, xx = (int(v) for v in res.position[i])
-            box = unit_box(y * hw[1] + xx, hw, (h, w), field)
-            proj = res.projection[i].detach().cpu()
-            image = (x[i] * std + mean).clamp(0, 1)
-            shown, patch = patch_views(proj, image, box, int(cfg.deconv.patch_min_size))
-            meta = {"layer": layer, "channel": job.channel, "image_id": job.image_id, "path": job.path,
-                    "position": [y, xx], "value": float(res.value[i]), "box": list(box),
-                    "field": list(field), "params": params}
-            write_picture(ctx.cache, "deconv", job.key, proj.numpy(), shown, meta, patch)
-
-
-# ---------------------------------------------------------------------------------- grids ---
-
-def grid(pictures: list[torch.Tensor], nrow: int) -> torch.Tensor:
-    """Pictures (C, H, W) in [0, 1] side by side, white gaps; grayscale is shown as RGB."""
-    size = max(p.shape[1] for p in pictures), max(p.shape[2] for p in pictures)
-    same = [p if tuple(p.shape[1:]) == size else F.interpolate(p[None], size=size, mode="nearest")[0]
-            for p in pictures]
-    same = [p.expand(3, -1, -1) if p.shape[0] == 1 else p for p in same]
-    return make_grid(torch.stack(same), nrow=nrow, padding=2, pad_value=1.0)
-
-
-def side_by_side(left: torch.Tensor, right: torch.Tensor, gap: int = 8) -> torch.Tensor:
-    """Two grids next to each other, top-aligned, on white."""
-    h = max(left.shape[1], right.shape[1])
-    out = torch.ones(3, h, left.shape[2] + gap + right.shape[2])
-    out[:, :left.shape[1], :left.shape[2]] = left
-    out[:, :right.shape[1], left.shape[2] + gap:] = right
-    return out
-
-
-def safe_name(text: str) -> str:
-    """A file-name-safe version of a layer or class name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "layer"
-
-
 # ------------------------------------------------------------------------------------ run ---
 
 def run(ctx: Context) -> dict[str, Any]:
-    """Write the ascent, deconv and class pictures (cached), their grids and the index table.
+    """Write the ascent, projection and class pictures (cached), their grids, the index table and
+    the projections' input-dependence summary.
 
-    Everything the user set is checked before any work: layer, channels, deconv mode, classes.
+    Everything the user set is checked before any work: layer, channels, projections, deconv mode,
+    classes.
     """
     cfg = ctx.cfg.visualize
     model = ctx.model
     model.module.eval()
     layer, (n_channels, lh, lw) = resolve_layer(ctx, cfg.layer)
     chosen = parse_channels(plain(cfg.channels), n_channels, layer)
-    mode, why = resolve_deconv_mode(model, layer, str(cfg.deconv.mode))
+    methods, pools, projection_why = resolve_projections(model, layer, str(cfg.projection))
+    mode, why = (resolve_deconv_mode(model, layer, str(cfg.deconv.mode)) if "deconvnet" in methods
+                 else ("", "not drawn"))
     classes = resolve_classes(plain(cfg.classes), model.class_names, int(cfg.all_classes_up_to))
     if int(cfg.top) < 1:
         raise PipelineError(f"visualize.top must be at least 1, got {cfg.top}.")
@@ -478,14 +339,26 @@ def run(ctx: Context) -> dict[str, Any]:
         selection = f"{n} most active by mean activation over {stats.n_images} images ({stats.source})"
     else:
         selection = "configured"
-    log.info("visualize: layer %s, channels %s (%s); deconvnet %s (%s)", layer, chosen, selection, mode, why)
+    log.info("visualize: layer %s, channels %s (%s); projections %s (%s)%s", layer, chosen, selection,
+             ", ".join(methods), projection_why, f"; deconvnet {mode} ({why})" if mode else "")
     result: dict[str, Any] = {"layer": layer, "channels": chosen, "selection": selection, "source": stats.source,
-                              "deconv_mode": mode}
+                              "projection": methods, "projection_note": projection_why, "deconv_mode": mode or None}
 
     rows = channel_ascent(ctx, layer, chosen, out_dir)
-    deconv_rows, field = channel_deconv(ctx, layer, (lh, lw), chosen, stats, store, mode, out_dir)
-    rows += deconv_rows
-    result.update({"deconv_images": len(deconv_rows), "receptive_field": field})
+    tops = {c: top_images(stats, store, layer, c, int(cfg.top), (lh, lw)) for c in chosen}
+    projection_rows, field, summary = channel_projections(ctx, layer, (lh, lw), tops, methods, mode, pools, out_dir)
+    rows += projection_rows
+    atomic_write_json(out_dir / PROJECTIONS_FILE, {"layer": layer, "max_pools": pools, "note": projection_why,
+                                                   "methods": summary})
+    for entry in summary.values():
+        for text in (entry["reason"] if entry["flagged"] else "", entry["grid_note"]):
+            if text:
+                log.warning("visualize: %s", text)
+    result.update({"deconv_images": sum(r["kind"] == "deconv" for r in projection_rows),
+                   "guided_images": sum(r["kind"] == "guided" for r in projection_rows),
+                   "receptive_field": field,
+                   "input_dependence": {m: round(s["input_dependence"], 4) for m, s in summary.items()},
+                   "flagged_projections": [m for m, s in summary.items() if s["flagged"]]})
     if classes:
         class_rows = class_ascent(ctx, classes, out_dir)
         confidence = {r["class_name"]: round(float(r["value"]), 4) for r in class_rows}
@@ -515,49 +388,6 @@ def channel_ascent(ctx: Context, layer: str, chosen: list[int], out_dir: Path) -
              "cached": a.cached} for c, a in zip(chosen, arts)]
 
 
-def channel_deconv(ctx: Context, layer: str, hw: tuple[int, int], chosen: list[int], stats: LayerStats,
-                   store: Any, mode: str, out_dir: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
-    """Deconvnet projections of each channel's top images beside their patches: one grid per
-    channel, index rows, and the receptive field used (None when everything was cached)."""
-    cfg = ctx.cfg.visualize
-    model = ctx.model
-    params = {"layer": layer, "mode": mode, "scale_by_activation": bool(cfg.deconv.scale_by_activation),
-              "patch_min_size": int(cfg.deconv.patch_min_size)}
-    per_channel: dict[int, list[DeconvJob]] = {}
-    for c in chosen:
-        top = top_images(stats, store, layer, c, int(cfg.top), hw)
-        per_channel[c] = [DeconvJob(c, r, str(t.image_id), str(t.path),
-                                    artifact_key("deconv", DECONV_VERSION, {**params, "channel": c}, model.key,
-                                                 str(t.image_id)))
-                          for r, t in enumerate(top.itertuples(index=False))]
-    missing = [j for jobs in per_channel.values() for j in jobs if read_artifact(ctx.cache, "deconv", j.key) is None]
-    field = None
-    if missing:
-        field = receptive_field(model.module, layer, model.input_shape)
-        log.info("visualize: %d deconvnet projection(s) to compute (%s, receptive field %dx%d)",
-                 len(missing), mode, *field)
-        compute_deconv(ctx, layer, hw, missing, mode, field, params)
-    fresh = {j.key for j in missing}
-    rows: list[dict[str, Any]] = []
-    for c, jobs in per_channel.items():
-        if not jobs:
-            continue
-        folders = [ctx.cache.path(artifact_kind("deconv"), j.key, fanout=True) for j in jobs]
-        side = math.ceil(math.sqrt(len(jobs)))
-        pair = side_by_side(grid([load_png(f / OVERLAY_FILE) for f in folders], side),
-                            grid([load_png(f / PATCH_FILE) for f in folders], side))
-        path = out_dir / f"deconv__{safe_name(layer)}__c{c}.png"
-        save_png(pair, path)
-        for j, f in zip(jobs, folders):
-            meta = json.loads((f / META_FILE).read_text())
-            field = field or meta["field"]
-            rows.append({"kind": "deconv", "layer": layer, "channel": c, "image_id": j.image_id, "rank": j.rank,
-                         "value": meta["value"], "png": str((f / OVERLAY_FILE).resolve()),
-                         "patch_png": str((f / PATCH_FILE).resolve()), "grid": str(path.resolve()), "key": j.key,
-                         "cached": j.key not in fresh})
-    return rows, list(field) if field else None
-
-
 def class_ascent(ctx: Context, classes: list[int], out_dir: Path) -> list[dict[str, Any]]:
     """Gradient-ascent picture of each class (one batch) with the model's confidence in it."""
     names = ctx.model.class_names
@@ -574,12 +404,14 @@ def class_ascent(ctx: Context, classes: list[int], out_dir: Path) -> list[dict[s
 INDEX_COLUMNS = {"kind": "string", "layer": "string", "channel": "Int64", "class_index": "Int64",
                  "class_name": "string", "image_id": "string", "rank": "Int64", "value": "float64",
                  "predicted": "Int64", "png": "string", "patch_png": "string", "grid": "string",
-                 "key": "string", "cached": "bool"}
+                 "key": "string", "cached": "bool", "input_dependence": "float64", "grid_share": "float64"}
 
 
 def write_index(rows: list[dict[str, Any]], path: Path) -> pd.DataFrame:
-    """The run's table of pictures: kind (ascent/deconv/class), layer, channel or class, image_id,
-    rank, value (channel activation, unit activation, or class confidence), png paths, cache key."""
+    """The run's table of pictures: kind (ascent/deconv/guided/class), layer, channel or class,
+    image_id, rank, value (channel activation, unit activation, or class confidence), png paths,
+    cache key; for projections, the channel's input-dependence score and the picture's share of
+    power on the stride grid."""
     df = pd.DataFrame(rows, columns=list(INDEX_COLUMNS))
     df = df.astype(INDEX_COLUMNS)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -1,0 +1,236 @@
+"""Unit projections for stage=visualize: what in a channel's top images made its strongest unit fire.
+
+Two projections, each a cached picture per (channel, image) beside its receptive-field patch:
+
+* ``deconvnet`` (Zeiler & Fergus 2014, :mod:`pipeline.methods.deconvnet`): the backward pass with
+  ReLU applied to the signal. It reads the image only through max-pooling's switches, so on a
+  network without max-pool layers it draws the same pattern for every image: the layers' filters
+  spread on their stride grid, a checkerboard.
+* ``guided_backprop`` (Springenberg et al. 2015, :func:`pipeline.methods.guided.guided_projection`):
+  the same backward pass, gated also by the forward's ReLU masks, so it depends on the image.
+
+``visualize.projection=auto`` draws both where max-pool layers run before the layer, guided backprop
+alone otherwise. For each method, :func:`summarize` scores how much its projections depend on the
+image (the mean Spearman between different top images' projections, aligned on the unit) and flags
+it above ``visualize.input_dependence.max_spearman``, with the reason; projections whose power sits
+on the layer's stride grid are noted (:mod:`pipeline.methods.dependence`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from pipeline.artifacts import OVERLAY_FILE, Artifact, artifact_key, read_artifact
+from pipeline.errors import PipelineError
+from pipeline.methods.deconvnet import _HOOKED, DeconvResult, deconvnet, deconvnet_explicit, max_pools_before
+from pipeline.methods.dependence import aligned_dependence, stride_grid_share, unit_centre
+from pipeline.methods.guided import guided_projection
+from pipeline.methods.receptive import receptive_field, unit_box
+from pipeline.models import ModelBundle
+from pipeline.runtime import Context, images_to_tensor
+from pipeline.views import PATCH_FILE, grid, load_png, safe_name, save_png, side_by_side, write_picture
+
+PROJECTIONS = ("auto", "deconvnet", "guided_backprop", "both")
+KIND = {"deconvnet": "deconv", "guided_backprop": "guided"}     # index kind and artifact method
+TITLE = {"deconvnet": "deconvnet", "guided_backprop": "guided backprop"}
+VERSION = {"deconvnet": 1, "guided_backprop": 1}
+DECONV_MODES = ("auto", "explicit", "hooked")
+DISPLAY_QUANTILE = 0.995
+
+
+def resolve_projections(model: ModelBundle, layer: str, spec: str) -> tuple[list[str], list[str], str]:
+    """The projection methods to draw, the max-pool layers before ``layer`` and why that choice."""
+    if spec not in PROJECTIONS:
+        raise PipelineError(f"visualize.projection={spec!r} is not one of {', '.join(PROJECTIONS)}.")
+    ref = next(model.module.parameters())
+    pools = max_pools_before(model.module, torch.zeros(1, *model.input_shape, device=ref.device), layer)
+    if spec != "auto":
+        return (["deconvnet", "guided_backprop"] if spec == "both" else [spec]), pools, "configured"
+    if pools:
+        return ["deconvnet", "guided_backprop"], pools, f"max-pool switches before {layer}: {', '.join(pools)}"
+    return ["guided_backprop"], pools, (
+        f"{model.name} has no max-pool layer before {layer}, so its deconvnet projections would not depend "
+        "on the image; guided backprop only (visualize.projection=both draws the deconvnet too)")
+
+
+def resolve_deconv_mode(model: ModelBundle, layer: str, mode: str) -> tuple[str, str]:
+    """``explicit`` or ``hooked`` and why: auto tries the explicit deconvnet on a probe input and
+    takes the hooked one when the network is not a conv/ReLU/max-pool chain."""
+    if mode not in DECONV_MODES:
+        raise PipelineError(f"visualize.deconv.mode={mode!r} is not one of {', '.join(DECONV_MODES)}.")
+    if mode == "hooked":
+        return "hooked", "configured"
+    ref = next(model.module.parameters())
+    try:
+        deconvnet_explicit(model.module, torch.zeros(1, *model.input_shape, device=ref.device), layer, 0)
+    except PipelineError as e:
+        if _HOOKED not in str(e):
+            raise
+        if mode == "explicit":
+            raise PipelineError(f"visualize.deconv.mode=explicit cannot handle {model.name} up to {layer!r}: "
+                                f"{str(e).split(';')[0]}. Set visualize.deconv.mode=hooked (the hooked "
+                                f"backward pass handles BatchNorm, residual blocks and any other layer) or "
+                                f"mode=auto.") from None
+        return "hooked", str(e).split(";")[0]
+    return "explicit", "conv/ReLU/max-pool chain" if mode == "auto" else "configured"
+
+
+@dataclass
+class Job:
+    """One projection to compute: ``method`` for channel ``channel`` of the layer on one image."""
+
+    method: str
+    channel: int
+    rank: int
+    image_id: str
+    path: str
+    key: str
+
+
+def patch_views(projection: torch.Tensor, image: torch.Tensor, box: tuple[int, int, int, int],
+                min_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projection and the image cropped to ``box``, for display: the projection centred on grey
+    (0.5 = zero) and scaled by the 99.5th percentile of its magnitude (a few peak pixels would
+    otherwise leave the rest grey), both enlarged (nearest) to ``min_size`` pixels."""
+    x0, y0, x1, y1 = box
+    proj = projection[:, y0:y1, x0:x1]
+    top = float(torch.quantile(proj.abs().flatten().float(), DISPLAY_QUANTILE)) if proj.numel() else 0.0
+    top = top if top > 0 else float(proj.abs().max()) if proj.numel() else 0.0
+    proj = proj / (2 * top) + 0.5 if top > 0 else torch.full_like(proj, 0.5)
+    crop = image[:, y0:y1, x0:x1]
+    factor = math.ceil(min_size / max(proj.shape[1:])) if max(proj.shape[1:]) < min_size else 1
+    if factor > 1:
+        proj = F.interpolate(proj[None], scale_factor=factor, mode="nearest")[0]
+        crop = F.interpolate(crop[None], scale_factor=factor, mode="nearest")[0]
+    return proj.clamp(0, 1), crop.clamp(0, 1)
+
+
+def projection_function(method: str, mode: str) -> Callable[..., DeconvResult]:
+    """The batched projection behind ``method`` (the deconvnet in its resolved mode)."""
+    if method == "guided_backprop":
+        return guided_projection
+    return deconvnet_explicit if mode == "explicit" else deconvnet
+
+
+def compute(ctx: Context, layer: str, hw: tuple[int, int], jobs: list[Job], fn: Callable[..., DeconvResult],
+            field: tuple[int, int], params: dict[str, Any]) -> None:
+    """Run one projection method on the jobs' images in batches and write one artifact per job."""
+    model = ctx.model
+    cfg = ctx.cfg.visualize
+    mean = torch.as_tensor(model.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.as_tensor(model.std, dtype=torch.float32).view(-1, 1, 1)
+    _, h, w = model.input_shape
+    bs = max(1, int(cfg.batch_size))
+    for s in range(0, len(jobs), bs):
+        batch = jobs[s:s + bs]
+        x = images_to_tensor([j.path for j in batch], model.transform)
+        res = fn(model.module, x.to(ctx.device), layer, [j.channel for j in batch],
+                 scale_by_activation=bool(cfg.deconv.scale_by_activation))
+        for i, job in enumerate(batch):
+            y, xx = (int(v) for v in res.position[i])
+            box = unit_box(y * hw[1] + xx, hw, (h, w), field)
+            proj = res.projection[i].detach().cpu()
+            shown, patch = patch_views(proj, (x[i] * std + mean).clamp(0, 1), box, int(cfg.deconv.patch_min_size))
+            meta = {"layer": layer, "channel": job.channel, "image_id": job.image_id, "path": job.path,
+                    "position": [y, xx], "value": float(res.value[i]), "box": list(box),
+                    "field": list(field), "params": params}
+            write_picture(ctx.cache, KIND[job.method], job.key, proj.numpy(), shown, meta, patch)
+
+
+def channel_projections(ctx: Context, layer: str, hw: tuple[int, int], tops: dict[int, pd.DataFrame],
+                        methods: list[str], mode: str, pools: list[str], out_dir: Path
+                        ) -> tuple[list[dict[str, Any]], list[int] | None, dict[str, dict[str, Any]]]:
+    """Every method's projections of each channel's top images (``tops``: image_id, path per
+    channel, best first): cached artifacts, one grid per method and channel beside the patches,
+    index rows, the receptive field used (None when nothing was computed or read), and the
+    per-method summary of :func:`summarize`."""
+    cfg = ctx.cfg.visualize
+    model = ctx.model
+    common = {"layer": layer, "scale_by_activation": bool(cfg.deconv.scale_by_activation),
+              "patch_min_size": int(cfg.deconv.patch_min_size)}
+    params = {"deconvnet": {"layer": layer, "mode": mode, **common}, "guided_backprop": common}
+    jobs = {m: {c: [Job(m, c, r, str(t.image_id), str(t.path),
+                        artifact_key(KIND[m], VERSION[m], {**params[m], "channel": c}, model.key, str(t.image_id)))
+                    for r, t in enumerate(top.itertuples(index=False))] for c, top in tops.items()}
+            for m in methods}
+    field: tuple[int, int] | None = None
+    fresh: set[str] = set()
+    for m in methods:
+        missing = [j for js in jobs[m].values() for j in js if read_artifact(ctx.cache, KIND[m], j.key) is None]
+        if missing:
+            field = field or receptive_field(model.module, layer, model.input_shape)
+            compute(ctx, layer, hw, missing, projection_function(m, mode), field, params[m])
+            fresh |= {j.key for j in missing}
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, dict[str, Any]] = {}
+    stride = (model.input_shape[1] // hw[0], model.input_shape[2] // hw[1])
+    for m in methods:
+        scores: dict[int, float] = {}
+        shares: list[float] = []
+        for c, js in jobs[m].items():
+            if not js:
+                continue
+            arts = [stored(ctx, KIND[m], j.key) for j in js]
+            field = field or (int(arts[0].meta["field"][0]), int(arts[0].meta["field"][1]))
+            maps = [torch.from_numpy(a.map) for a in arts]
+            centres = [unit_centre(a.meta["position"], hw, model.input_shape[1:]) for a in arts]
+            scores[c] = aligned_dependence(maps, centres, field, int(cfg.input_dependence.min_pixels))
+            side = math.ceil(math.sqrt(len(js)))
+            pair = side_by_side(grid([load_png(a.folder / OVERLAY_FILE) for a in arts], side),
+                                grid([load_png(a.folder / PATCH_FILE) for a in arts], side))
+            path = out_dir / f"{KIND[m]}__{safe_name(layer)}__c{c}.png"
+            save_png(pair, path)
+            for j, a, raw in zip(js, arts, maps):
+                share = stride_grid_share(raw, stride)
+                shares.append(share)
+                rows.append({"kind": KIND[m], "layer": layer, "channel": c, "image_id": j.image_id, "rank": j.rank,
+                             "value": a.meta["value"], "png": str((a.folder / OVERLAY_FILE).resolve()),
+                             "patch_png": str((a.folder / PATCH_FILE).resolve()), "grid": str(path.resolve()),
+                             "key": j.key, "cached": j.key not in fresh, "input_dependence": scores[c],
+                             "grid_share": share})
+        summary[m] = summarize(m, scores, shares, stride, model.name, layer, pools,
+                               float(cfg.input_dependence.max_spearman), float(cfg.grid_limit))
+    return rows, list(field) if field else None, summary
+
+
+def stored(ctx: Context, kind: str, key: str) -> Artifact:
+    """An artifact this stage has just made sure is in the cache."""
+    art = read_artifact(ctx.cache, kind, key)
+    if art is None:
+        raise PipelineError(f"the cached {kind} projection {key} vanished while visualize ran; run it again.")
+    return art
+
+
+def summarize(method: str, scores: dict[int, float], shares: list[float], stride: tuple[int, int], model: str,
+              layer: str, pools: list[str], limit: float, grid_limit: float) -> dict[str, Any]:
+    """One method's input dependence (mean over channels of the per-channel score), whether it is
+    flagged and why, and how many of its projections the stride grid dominates."""
+    finite = [v for v in scores.values() if math.isfinite(v)]
+    value = float(np.mean(finite)) if finite else math.nan
+    flagged = bool(finite) and value > limit
+    if not finite:
+        reason = "fewer than two top images with a projection per channel: no input-dependence score"
+    elif flagged and method == "deconvnet" and not pools:
+        reason = (f"{model} has no max-pool switches before {layer}: deconvnet projections do not depend on "
+                  f"the image (different images' projections correlate {value:.2f} > {limit})")
+    elif flagged:
+        reason = (f"{TITLE[method]} projections of different images correlate {value:.2f} (> {limit}): they show "
+                  "the network more than the image")
+    else:
+        reason = ""
+    gridded = sum(1 for v in shares if math.isfinite(v) and v > grid_limit)
+    grid_note = (f"{gridded} of {len(shares)} {TITLE[method]} projections have more than {grid_limit:.0%} of their "
+                 f"power on the {stride[0]}x{stride[1]}-pixel stride grid of {layer}: that checkerboard is drawn by "
+                 "the transposed strided convolutions, not by the image") if gridded else ""
+    return {"method": method, "title": TITLE[method], "input_dependence": value,
+            "per_channel": {str(c): v for c, v in scores.items()}, "max_spearman": limit, "flagged": flagged,
+            "reason": reason, "grid_limit": grid_limit, "stride": list(stride), "grid_dominated": gridded,
+            "projections": len(shares), "grid_note": grid_note}
