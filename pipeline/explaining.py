@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from pipeline.data.images import load_image
 from pipeline.errors import PipelineError, suggest
 from pipeline.localizers import StageLocalizers
-from pipeline.methods.base import MapMethod
+from pipeline.methods.base import MapMethod, SharedPass, shared_pass
 from pipeline.methods.cam import cam_box
 from pipeline.methods.metrics import box_iou, box_masks, deletion, inside_energy, insertion, pointing_mask
 from pipeline.methods.registry import METHODS, make_method
@@ -163,70 +163,154 @@ class SplitExplainer:
             for name, method in methods.items()}
         self.problems: list[dict[str, str]] = []
 
-    def run(self, items: Sequence[Item], targets: Sequence[int], curves: set[str], per_call: int,
-            progress: bool = True) -> pd.DataFrame:
+    def stored_predictions(self) -> dict[str, int]:
+        """image_id -> the model's predicted class, from the rows any method's store holds."""
+        out: dict[str, int] = {}
+        for store in self.stores.values():
+            index = store.index()
+            out.update(zip(index["image_id"].astype(str), index["prediction"].astype(int)))
+        return out
+
+    def run(self, items: Sequence[Item], targets: Sequence[int | None], predictions: Sequence[int | None],
+            curves: set[str], per_call: int, progress: bool = True) -> pd.DataFrame:
         """One row per image x method: ids, target, object kind, scores, whether it was cached.
-        ``curves``: the image ids that also get deletion and insertion curves."""
-        keys = {name: [row_key(it.image_id, t, [object_digest(it), it.image_id in curves])
+        ``curves``: the image ids that also get deletion and insertion curves. A target of None is
+        the image's predicted class, not known yet: the pass that makes its maps predicts it (no
+        separate prediction pass); every prediction is then in :attr:`predicted`."""
+        keys = {name: [None if t is None else row_key(it.image_id, t, [object_digest(it), it.image_id in curves])
                        for it, t in zip(items, targets)] for name in self.methods}
         known = {name: set(store.index()["row_key"]) for name, store in self.stores.items()}
-        todo = {name: [i for i, k in enumerate(keys[name]) if k not in known[name]] for name in self.methods}
+        todo = {name: [i for i, k in enumerate(keys[name]) if k is None or k not in known[name]]
+                for name in self.methods}
         pending = sorted(set().union(*todo.values()))
+        self.predicted = {it.image_id: int(p) for it, p in zip(items, predictions) if p is not None}
+        groups = [[i for i in pending if targets[i] is not None], [i for i in pending if targets[i] is None]]
         buffers: dict[str, list[pd.DataFrame]] = {name: [] for name in self.methods}
         with tqdm(total=len(pending), desc="explain", unit="img", disable=None if progress else True) as bar:
             try:
-                for start in range(0, len(pending), per_call):
-                    chunk = pending[start:start + per_call]
-                    self._chunk(chunk, items, targets, keys, curves, todo, buffers)
-                    bar.update(len(chunk))
+                for group in groups:
+                    for start in range(0, len(group), per_call):
+                        chunk = group[start:start + per_call]
+                        self._chunk(chunk, items, targets, keys, curves, todo, buffers)
+                        bar.update(len(chunk))
             finally:
                 for name in self.methods:
                     self._flush(name, buffers, force=True)
+        resolved = [t if t is not None else self.predicted[it.image_id] for it, t in zip(items, targets)]
         frames = []
         for name, store in self.stores.items():
             got = store.read(keys[name], columns=["kind", *SCORES])
             got = got.set_index("row_key").reindex(keys[name])
             frames.append(pd.DataFrame({
                 "image_id": [it.image_id for it in items], "path": [it.path for it in items], "row_key": keys[name],
-                "label": pd.array([it.label for it in items], dtype="Int64"), "target": list(targets),
+                "label": pd.array([it.label for it in items], dtype="Int64"), "target": resolved,
                 "method": name, "object": got["kind"].to_numpy(), "cached": [k in known[name] for k in keys[name]],
                 **{s: got[s].to_numpy(dtype=float) for s in SCORES}}))
         return pd.concat(frames, ignore_index=True)
 
-    def _chunk(self, chunk: list[int], items: Sequence[Item], targets: Sequence[int], keys: dict[str, list[str]],
-               curves: set[str], todo: dict[str, list[int]], buffers: dict[str, list[pd.DataFrame]]) -> None:
+    def _chunk(self, chunk: list[int], items: Sequence[Item], targets: Sequence[int | None],
+               keys: dict[str, list[str | None]], curves: set[str], todo: dict[str, list[int]],
+               buffers: dict[str, list[pd.DataFrame]]) -> None:
+        """Maps, scores and store rows of the images ``chunk`` for the methods that need them;
+        when their targets are unknown (all None), the predicted classes, from the same pass."""
         bundle = self.ctx.model
         pictures = [load_image(items[i].path) for i in chunk]
         x = torch.stack([bundle.transform(p) for p in pictures])
         objects = batch_objects([items[i] for i in chunk], [p.size for p in pictures], bundle.transform,
                                 tuple(x.shape[-2:]), self.problems)
-        tgt = torch.tensor([targets[i] for i in chunk])
+        blind = targets[chunk[0]] is None
+        if blind:
+            wanted = {name: list(range(len(chunk))) for name in self.methods}
+            shared = self._shared_pass(wanted, x, None)
+            tgt = shared[0].targets.cpu() if shared is not None else self._predict(x)
+            for j, i in enumerate(chunk):
+                self.predicted[items[i].image_id] = int(tgt[j])
+                for name in self.methods:
+                    keys[name][i] = row_key(items[i].image_id, int(tgt[j]),
+                                            [object_digest(items[i]), items[i].image_id in curves])
+        else:
+            tgt = torch.tensor([targets[i] for i in chunk])
+            wanted = {name: [j for j, i in enumerate(chunk) if i in set(todo[name])] for name in self.methods}
+            shared = self._shared_pass({n: w for n, w in wanted.items() if w}, x, tgt)
+        packed: dict[tuple[int, ...], list[bytes]] = {}  # object bits, shared by methods with the same images
         for name in self.methods:
-            need = set(todo[name])
-            sel = [j for j, i in enumerate(chunk) if i in need]
+            sel = wanted[name]
             if not sel:
                 continue
-            maps = self._maps(name, x[sel], tgt[sel], [items[chunk[j]] for j in sel])
+            maps = self._maps(name, x[sel], tgt[sel], [items[chunk[j]] for j in sel], shared, sel)
             sub = ObjectSet(objects.masks[sel], objects.present[sel], [objects.kinds[j] for j in sel],
                             objects.boxes[sel])
             scores = score_batch(maps, sub, self.scoring["box_threshold"])
             scores.update(self._curves(name, x[sel], tgt[sel], maps, [items[chunk[j]].image_id in curves
                                                                          for j in sel]))
             small = shrink(maps, self.map_size)
+            if tuple(sel) not in packed:
+                packed[tuple(sel)] = encode_objects(sub.masks.where(sub.present[:, None, None], False),
+                                                    tuple(small.shape[1:]), len(sel))
             buffers[name].append(pd.DataFrame({
                 "row_key": [keys[name][chunk[j]] for j in sel], "image_id": [items[chunk[j]].image_id for j in sel],
-                "target": tgt[sel].numpy(), "kind": sub.kinds, **scores,
+                "target": tgt[sel].numpy(), "prediction": [self.predicted[items[chunk[j]].image_id] for j in sel],
+                "kind": sub.kinds, **scores,
                 "h": small.shape[1], "w": small.shape[2], "map": encode_maps(small), "thumb": encode_maps(thumbs(maps)),
-                "object": encode_objects(sub.masks.where(sub.present[:, None, None], False), tuple(small.shape[1:]),
-                                         len(sel))}))
+                "object": packed[tuple(sel)]}))
             self._flush(name, buffers)
 
-    def _maps(self, name: str, x: torch.Tensor, target: torch.Tensor, items: list[Item]) -> torch.Tensor:
-        """The method's maps for a batch (CPU, float32); image by image when the batch fails, so the
-        error names the image."""
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted classes of a batch by a plain forward pass (when no shared pass ran)."""
+        with torch.no_grad():
+            return self.ctx.model.module(x.to(self.ctx.device)).argmax(1).cpu()
+
+    def _shared_pass(self, wanted: dict[str, list[int]], x: torch.Tensor, target: torch.Tensor | None
+                     ) -> tuple[SharedPass, list[int]] | None:
+        """One forward/backward pass serving every method that can take its maps from it, over the
+        images any of them needs: the pass and those images' positions in ``x``. ``target`` None
+        predicts the classes in the same pass. None when no method shares (or only one, with the
+        targets known: its own call costs the same), or when the pass fails (each method then runs
+        on its own, image by image where it fails, so the error names the image)."""
+        needs = [self.methods[n].shared_needs() for n in wanted]
+        shared = [nd for nd in needs if nd is not None]
+        if len(shared) < (1 if target is None else 2):
+            return None
+        rows = sorted(set().union(*(wanted[n] for n, nd in zip(wanted, needs) if nd is not None)))
+        union = shared[0]
+        for nd in shared[1:]:
+            union = union | nd
+        try:
+            return shared_pass(self.ctx.model.module, x[rows].to(self.ctx.device),
+                               None if target is None else target[rows], union), rows
+        except Exception as err:  # noqa: BLE001 - each method retries on its own and names the image
+            log.warning("explain: the shared pass failed (%s: %s); running each method on its own",
+                        type(err).__name__, err)
+            return None
+
+    def _maps(self, name: str, x: torch.Tensor, target: torch.Tensor, items: list[Item],
+              shared: tuple[SharedPass, list[int]] | None = None, sel: list[int] | None = None) -> torch.Tensor:
+        """The method's maps for a batch (CPU, float32): from the shared pass when it serves this
+        method, else from its own batched call, image by image when that fails, so the error names
+        the image."""
+        method = self.methods[name]
+        maps = None
+        if shared is not None and sel is not None and method.shared_needs() is not None:
+            p, rows = shared
+            where = {r: k for k, r in enumerate(rows)}
+            idx = [where[j] for j in sel]
+            part = p if idx == list(range(p.x.shape[0])) else p.subset(torch.tensor(idx))
+            maps = method.from_pass(self.ctx.model.module, part).maps
+        if maps is None:
+            maps = self._own_maps(name, x, target, items)
+        maps = maps.detach().float().cpu()
+        bad = ~torch.isfinite(maps.flatten(1)).all(1)
+        if bool(bad.any()):
+            it = items[int(bad.nonzero()[0, 0])]
+            raise PipelineError(f"explain: {name} gave a map with NaN or infinite values for image {it.path}; "
+                                "check the model's output on it, or drop the method.")
+        return maps
+
+    def _own_maps(self, name: str, x: torch.Tensor, target: torch.Tensor, items: list[Item]) -> torch.Tensor:
+        """The method's own batched call, image by image when the batch fails."""
         module, dev = self.ctx.model.module, self.ctx.device
         try:
-            maps = self.methods[name].attribute(module, x.to(dev), target).maps
+            return self.methods[name].attribute(module, x.to(dev), target).maps
         except PipelineError:
             raise
         except Exception:
@@ -238,14 +322,7 @@ class SplitExplainer:
                     raise PipelineError(f"explain: {name} failed on image {it.path} (id {it.image_id[:12]}): "
                                         f"{type(err).__name__}: {err}. Every map computed before it is stored; "
                                         f"leave the image out of the split or drop {name}.") from err
-            maps = torch.cat(parts)
-        maps = maps.detach().float().cpu()
-        bad = ~torch.isfinite(maps.flatten(1)).all(1)
-        if bool(bad.any()):
-            it = items[int(bad.nonzero()[0, 0])]
-            raise PipelineError(f"explain: {name} gave a map with NaN or infinite values for image {it.path}; "
-                                "check the model's output on it, or drop the method.")
-        return maps
+            return torch.cat(parts)
 
     def _curves(self, name: str, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor,
                 wanted: list[bool]) -> dict[str, np.ndarray]:
@@ -292,7 +369,8 @@ def reliance_rules(rcfg: DictConfig) -> Rules:
 
 @dataclass
 class Split:
-    """The images of a split with their predictions, and which of them this shard handles."""
+    """The images of a split with their predictions (-1 outside this shard when they were not
+    known before), and which of them this shard handles."""
 
     items: list[Item]
     predicted: np.ndarray
@@ -308,17 +386,29 @@ def explain_split(ctx: Context, ecfg: DictConfig, names: list[str], split: Any,
     bundle.module.eval()
     preds = Predictions(ctx, int(ecfg.batch_size))
     items = select_images(ctx, DictConfig({"all": True, "split": split}), preds)
-    predicted = preds.predicted(items)
-    targets = [resolve_target(ecfg.target, it, int(p), bundle.class_names) for it, p in zip(items, predicted)]
-    classes = [it.label if it.label is not None else int(p) for it, p in zip(items, predicted)]
-    curves = curve_images(items, classes, int(ecfg.metrics.curves_per_class))
-    keep = np.ones(len(items), bool) if num_shards == 1 else \
-        shard_of([it.image_id for it in items], num_shards) == shard
     x0 = bundle.transform(load_image(items[0].path))[None].to(ctx.device)
     explainer = SplitExplainer(ctx, ecfg, build_methods(ctx, ecfg, names, x0), int(ecfg.reliance.map_size))
+    per_class = int(ecfg.metrics.curves_per_class)
+    keep = np.ones(len(items), bool) if num_shards == 1 else \
+        shard_of([it.image_id for it in items], num_shards) == shard
     chosen = np.flatnonzero(keep)
+    # Predicted classes are known from an activation store or from stored maps; the others come from
+    # the pass that makes the maps, unless the curves' choice of images needs them first.
+    if str(ecfg.target) == "predicted" and (per_class == 0 or all(it.label is not None for it in items)):
+        known = {**explainer.stored_predictions(), **preds.store_predictions()}
+        predictions: list[int | None] = [known.get(it.image_id) for it in items]
+    else:
+        predictions = [int(p) for p in preds.predicted(items)]
+    targets = [None if p is None else resolve_target(ecfg.target, it, p, bundle.class_names)
+               for it, p in zip(items, predictions)]
+    curves = curve_images(items, [it.label if it.label is not None else p for it, p in zip(items, predictions)],
+                          per_class) if per_class else set()
     per_call = images_per_call(ecfg.images_per_call, x0)
-    scores = explainer.run([items[i] for i in chosen], [targets[i] for i in chosen], curves, per_call, ctx.progress)
-    per_image = pd.DataFrame({"image_id": [items[i].image_id for i in chosen], "class": [classes[i] for i in chosen],
+    scores = explainer.run([items[i] for i in chosen], [targets[i] for i in chosen],
+                           [predictions[i] for i in chosen], curves, per_call, ctx.progress)
+    predicted = np.array([explainer.predicted.get(it.image_id, -1) for it in items], dtype=np.int64)
+    per_image = pd.DataFrame({"image_id": [items[i].image_id for i in chosen],
+                              "class": [items[i].label if items[i].label is not None else int(predicted[i])
+                                        for i in chosen],
                               "prediction": predicted[chosen], "split": [items[i].split for i in chosen]})
     return scores.merge(per_image, on="image_id", how="left"), explainer, Split(items, predicted, keep, per_call)

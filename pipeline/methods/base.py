@@ -10,10 +10,17 @@ are (B,H,W) at the input's resolution. Knobs that change speed or memory but not
 :class:`LayerMethod` owns what the CAM family shares (as pytorch-grad-cam's ``BaseCAM``): the
 layer lookup, one forward (and backward) pass with the layer's output captured, the weighted
 channel sum, ReLU and the upsampling; each CAM variant overrides one function.
+
+:func:`shared_pass` serves several methods from one forward and one backward pass: a method that can
+take its map from the logits, captured layer outputs and the target score's gradients there and at
+the input says what it needs (:meth:`MapMethod.shared_needs`) and builds its map from the pass
+(:meth:`MapMethod.from_pass`). Saliency, Grad-CAM and CAM on one batch then cost one forward and
+one backward instead of three forwards and two backwards, with the same maps.
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -38,6 +45,40 @@ class Explanation:
     maps: torch.Tensor
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PassNeeds:
+    """What a method takes from a shared pass: layer outputs to capture, the layers where it also
+    needs the target score's gradient, and whether it needs the gradient at the input."""
+
+    layers: frozenset[str] = frozenset()
+    layer_grads: frozenset[str] = frozenset()
+    input_grad: bool = False
+
+    def __or__(self, other: PassNeeds) -> PassNeeds:
+        return PassNeeds(self.layers | other.layers, self.layer_grads | other.layer_grads,
+                         self.input_grad or other.input_grad)
+
+
+@dataclass
+class SharedPass:
+    """One forward (and backward) pass over ``x``: the logits, the targets used (the predicted
+    classes when none were given), the captured layer outputs (detached), the target score's
+    gradients at the layers that asked for them, and at the input when asked."""
+
+    x: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor
+    acts: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor]
+    input_grad: torch.Tensor | None
+
+    def subset(self, idx: torch.Tensor) -> SharedPass:
+        """The pass restricted to the images ``idx`` (an index tensor)."""
+        return SharedPass(self.x[idx], self.logits[idx], self.targets[idx],
+                          {k: v[idx] for k, v in self.acts.items()}, {k: v[idx] for k, v in self.grads.items()},
+                          None if self.input_grad is None else self.input_grad[idx])
 
 
 class LocalizerSource(Protocol):
@@ -109,6 +150,16 @@ class MapMethod:
         """The maps alone: the ``(model, x, target) -> maps`` form metrics and sanity checks take."""
         return self.attribute(model, x, target).maps
 
+    def shared_needs(self) -> PassNeeds | None:
+        """What the prepared method can take from a :func:`shared_pass` on the model it is called
+        with (None: it runs its own passes)."""
+        return None
+
+    def from_pass(self, model: nn.Module, p: SharedPass) -> Explanation:
+        """The method's explanation from a shared pass that met :meth:`shared_needs`; equal to
+        :meth:`attribute` with the pass's targets."""
+        raise NotImplementedError(f"{self.name} takes nothing from a shared pass")
+
     def key_settings(self) -> dict[str, Any]:
         """The settings that enter the cache key (plain JSON values)."""
         return dict(self.settings)
@@ -166,6 +217,43 @@ class FastLayout:
 def targets_for(logits: torch.Tensor, target: Target) -> torch.Tensor:
     """Validated per-image target classes on the logits' device."""
     return check_target(target, logits.shape[1], logits.shape[0]).to(logits.device)
+
+
+def shared_pass(model: nn.Module, x: torch.Tensor, target: Target | None, needs: PassNeeds) -> SharedPass:
+    """One forward pass per :func:`pass_size` images with ``needs.layers`` captured and, when any
+    gradient is needed, one backward pass of the target scores to the input and those layers
+    together. ``target`` None takes each image's predicted class."""
+    t_all = None if target is None else check_target(target, None, x.shape[0])
+    want_grad = needs.input_grad or bool(needs.layer_grads)
+    step = pass_size(x)
+    parts: list[SharedPass] = []
+    for i in range(0, x.shape[0], step):
+        part = x[i:i + step].detach().requires_grad_(want_grad)
+        with ExitStack() as stack, torch.set_grad_enabled(want_grad):
+            caps = {layer: stack.enter_context(capture(model, layer)) for layer in sorted(needs.layers)}
+            logits = model(part)
+        acts = {layer: cap.output for layer, cap in caps.items()}
+        t = logits.detach().argmax(1) if t_all is None else targets_for(logits, t_all[i:i + step])
+        grads: dict[str, torch.Tensor] = {}
+        input_grad = None
+        if want_grad:
+            layers = sorted(needs.layer_grads)
+            sources = ([part] if needs.input_grad else []) + [acts[layer] for layer in layers]
+            got = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), sources, allow_unused=True)
+            input_grad = got[0] if needs.input_grad else None
+            for layer, g in zip(layers, got[1:] if needs.input_grad else got):
+                if g is None:
+                    raise PipelineError(f"Layer '{layer}' does not feed the model's output; pick a layer on "
+                                        "the path from the input to the logits.")
+                grads[layer] = g
+        parts.append(SharedPass(part.detach(), logits.detach(), t, {k: v.detach() for k, v in acts.items()},
+                                grads, input_grad))
+    if len(parts) == 1:
+        return parts[0]
+    return SharedPass(x.detach(), torch.cat([q.logits for q in parts]), torch.cat([q.targets for q in parts]),
+                      {k: torch.cat([q.acts[k] for q in parts]) for k in parts[0].acts},
+                      {k: torch.cat([q.grads[k] for q in parts]) for k in parts[0].grads},
+                      None if parts[0].input_grad is None else torch.cat([q.input_grad for q in parts]))
 
 
 def default_layer(model: nn.Module, x0: torch.Tensor) -> str:
@@ -231,6 +319,18 @@ class LayerMethod(MapMethod):
             raise PipelineError(f"Layer '{layer}' does not feed the model's output; pick a layer on "
                                 "the path from the input to the logits.")
         return act.detach(), grad, t
+
+    def shared_needs(self) -> PassNeeds | None:
+        if self.many_passes:
+            return None  # its own passes dominate; it keeps its own batching
+        layer = frozenset({self.layer})
+        return PassNeeds(layer, layer if self.uses_gradients else frozenset())
+
+    def from_pass(self, model: nn.Module, p: SharedPass) -> Explanation:
+        act = p.acts[self.layer]
+        require_conv_output(act, self.layer, model, self.label)
+        cam = torch.relu(self.cam(model, p.x, p.targets, act, p.grads.get(self.layer)))
+        return Explanation(upsample(cam, tuple(p.x.shape[-2:])))
 
     def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:
         step = pass_size(x)

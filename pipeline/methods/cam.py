@@ -17,7 +17,7 @@ from scipy import ndimage
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.methods.base import Explanation, LocalizerSource, MapMethod, NotApplicable
+from pipeline.methods.base import Explanation, LocalizerSource, MapMethod, NotApplicable, PassNeeds, SharedPass
 from pipeline.methods.heads import CONVERSION_HINT, GapHead, find_gap_head, last_feature_map
 from pipeline.methods.hooks import (Target, check_target, forward_until, get_layer,
                                     require_conv_output, upsample)
@@ -46,8 +46,12 @@ def cam(model: nn.Module, x: torch.Tensor, target: Target,
             f"{fc.in_features} features, so they do not form a GAP + linear head. "
             f"{CONVERSION_HINT}")
     t = check_target(target, fc.out_features, x.shape[0]).to(fc.weight.device)
-    maps = torch.einsum("bc,bchw->bhw", fc.weight.detach()[t].to(act.dtype), act)
-    return upsample(maps, tuple(x.shape[-2:]))
+    return class_maps(act, fc, t, tuple(x.shape[-2:]))
+
+
+def class_maps(act: torch.Tensor, fc: nn.Linear, t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``sum_c w[t, c] * A_c`` for each image's target ``t``, upsampled to ``size``."""
+    return upsample(torch.einsum("bc,bchw->bhw", fc.weight.detach()[t].to(act.dtype), act), size)
 
 
 def cam_box(maps: torch.Tensor, fraction: float = 0.2) -> torch.Tensor:
@@ -241,6 +245,24 @@ class CAM(MapMethod):
     def sanity_note(self) -> str:
         return ("the model has no GAP + linear head here: CAM runs on a fitted localizer, whose trunk is the "
                 "trained model" if self.localizer is not None else "")
+
+    def shared_needs(self) -> PassNeeds | None:
+        """The model's own head only: a fitted localizer is another network."""
+        if self.head is None or self.localizer is not None:
+            return None
+        return PassNeeds(frozenset({self.head.layer}))
+
+    def from_pass(self, model: nn.Module, p: SharedPass) -> Explanation:
+        assert self.head is not None
+        act = p.acts[self.head.layer]
+        fc = get_layer(model, self.head.fc)
+        require_conv_output(act, self.head.layer, model, "CAM")
+        if not isinstance(fc, nn.Linear) or act.shape[1] != fc.in_features:
+            raise PipelineError(f"Layer '{self.head.layer}' and '{self.head.fc}' do not form a GAP + linear head. "
+                                f"{CONVERSION_HINT}")
+        maps = class_maps(act, fc, p.targets.to(fc.weight.device), tuple(p.x.shape[-2:]))
+        info = {"layer": self.settings["layer"], "converted": False}
+        return Explanation(maps, meta=[dict(info) for _ in range(p.x.shape[0])])
 
     def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:
         if self.head is None:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pipeline.methods.base import Explanation, LocalizerSource, MapMethod, NotApplicable
+from pipeline.methods.base import Explanation, LocalizerSource, MapMethod, NotApplicable, PassNeeds
 from pipeline.methods.deconvnet import DeconvResult, relu_backward_override, relu_modules, unit_projection
 from pipeline.methods.gradcam import GradCAM
 from pipeline.methods.hooks import Target
@@ -111,3 +111,6 @@ class GuidedGradCAM(GradCAM):
         cam = super().attribute(model, x, target).maps
         attr = guided_gradient(model, x, target) * cam[:, None]
         return Explanation(attr.abs().amax(1), {"attribution": attr})
+
+    def shared_needs(self) -> PassNeeds | None:
+        return None  # the guided gradient needs its own backward pass

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.methods.base import Explanation, MapMethod, pass_size
+from pipeline.methods.base import Explanation, MapMethod, PassNeeds, SharedPass, pass_size
 from pipeline.methods.hooks import Target, check_target
 
 
@@ -95,6 +95,13 @@ class Saliency(MapMethod):
         res = saliency(model, x, target)
         return Explanation(res.map, {"grad": res.grad})
 
+    def shared_needs(self) -> PassNeeds | None:
+        return PassNeeds(input_grad=True)
+
+    def from_pass(self, model: nn.Module, p: SharedPass) -> Explanation:
+        assert p.input_grad is not None
+        return Explanation(p.input_grad.abs().amax(1), {"grad": p.input_grad})
+
 
 class SmoothGrad(MapMethod):
     """Saliency averaged over noisy copies of each image (Smilkov et al. 2017)."""
@@ -129,4 +136,12 @@ class InputXGradient(MapMethod):
 
     def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:
         attr = x.detach() * input_gradient(model, x, target)
+        return Explanation(attr.sum(1), {"attribution": attr})
+
+    def shared_needs(self) -> PassNeeds | None:
+        return PassNeeds(input_grad=True)
+
+    def from_pass(self, model: nn.Module, p: SharedPass) -> Explanation:
+        assert p.input_grad is not None
+        attr = p.x * p.input_grad
         return Explanation(attr.sum(1), {"attribution": attr})

@@ -2,7 +2,8 @@
 
 One folder per (method, version, settings, model, scoring) under ``cache/maps/<method>/<key>/``
 holds ``part-*.parquet`` files, one row per image: ``row_key`` (image id, target and object: a
-changed box, mask or target is a miss), ``image_id``, ``target``, the scores, ``map`` (float16
+changed box, mask or target is a miss), ``image_id``, ``target``, ``prediction`` (the model's
+predicted class, so a re-run needs no prediction pass), the scores, ``map`` (float16
 bytes, area-downsampled to at most ``size`` px a side), ``thumb`` (16x16 float16, for clustering and
 drift) and ``object`` (the object mask at the map's size, packed bits; empty without one).
 
@@ -31,7 +32,7 @@ from torch.nn import functional as F
 
 from pipeline.cache import make_key
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rows record the prediction
 THUMB = 16
 PART_GLOB = "part-*.parquet"
 
@@ -79,12 +80,14 @@ class MapStore:
         return ds.dataset([str(p) for p in parts], format="parquet") if parts else None
 
     def index(self) -> pd.DataFrame:
-        """``row_key``, ``image_id`` and ``target`` of every stored row (newest per row key)."""
+        """``row_key``, ``image_id``, ``target`` and (where the rows record it) ``prediction`` of
+        every stored row (newest per row key)."""
         d = self._dataset()
         if d is None:
             return pd.DataFrame({"row_key": pd.Series(dtype=str), "image_id": pd.Series(dtype=str),
-                                 "target": pd.Series(dtype="int64")})
-        table = d.to_table(columns=["row_key", "image_id", "target", "written"]).to_pandas()
+                                 "target": pd.Series(dtype="int64"), "prediction": pd.Series(dtype="int64")})
+        wanted = ["row_key", "image_id", "target", "prediction", "written"]
+        table = d.to_table(columns=[c for c in wanted if c in d.schema.names]).to_pandas()
         return (table.sort_values("written", kind="stable").drop_duplicates("row_key", keep="last")
                 .drop(columns="written").reset_index(drop=True))
 
