@@ -108,6 +108,11 @@ class Context:
         self.summary["model"] = {"name": bundle.name, "key": bundle.key, "classes": bundle.num_classes}
         return bundle.to(self.device)
 
+    def takes_hooks(self) -> bool:
+        """Whether the model takes forward hooks (a TorchScript module does not); a built-in model
+        is an nn.Module, so it is not loaded (and trained) just to tell."""
+        return self.cfg.model.source == "builtin" or self.model.takes_hooks
+
     def training_data(self) -> DatasetBundle:
         """The built-in models train on clutter digits: ``data`` when it is clutter digits, else
         ``train.data`` (clutter-digit settings; null = the defaults)."""

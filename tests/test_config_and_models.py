@@ -38,6 +38,9 @@ def test_every_config_in_every_group_composes_and_instantiates(make_cfg, tmp_pat
         tmp_path / "m.csv", index=False)
     scripted = tmp_path / "m.pt"
     torch.jit.script(DigitsCNN().eval()).save(str(scripted))
+    exported = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(DigitsCNN().eval(), (torch.zeros(2, 1, 64, 64),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), exported)
     extra = {"imagefolder": [f"data.path={folder}"], "manifest": [f"data.path={tmp_path / 'm.csv'}"],
              "photos": ["data.names=[chelsea]"]}
     for path in sorted((CONF / "data").glob("*.yaml")):
@@ -45,6 +48,7 @@ def test_every_config_in_every_group_composes_and_instantiates(make_cfg, tmp_pat
         data = load_dataset(cfg.data, Cache(cfg.paths.cache))
         assert len(data.records) > 0 and data.records["image_id"].str.len().eq(64).all()
     model_extra = {"torchscript": [f"model.path={scripted}", "model.channels=1", "model.image_size=64"],
+                   "exported": [f"model.path={exported}"],
                    "timm": ["model.image_size=64"], "torchvision": ["model.image_size=64"]}
     for path in sorted((CONF / "model").glob("*.yaml")):
         cfg = make_cfg([f"model={path.stem}", *model_extra.get(path.stem, [])])

@@ -1,18 +1,25 @@
-"""Every registered map method on every built-in kind of model: maps of the input's size, finite,
-the same twice; a method that cannot apply to a model says so in one line, before any work."""
+"""Every registered map method on every kind of model, a torch.export program too: maps of the
+input's size, finite, the same twice; a method that cannot apply to a model says so in one line,
+before any work."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torchvision.models import resnet18
 
 from pipeline.errors import PipelineError
 from pipeline.methods.base import NotApplicable
 from pipeline.methods.registry import METHODS, make_method
+from pipeline.models import build_model
 from pipeline.models.digits import DigitsCNN, DigitsCNNFC
 from pipeline.models.efficientnet_lite import load_efficientnet_lite0
+from tests.helpers import TinyResNet, trained_like
 
 # small settings so the whole matrix stays fast; every other setting is the method's default
 FAST = {"smoothgrad": {"samples": 2}, "integrated_gradients": {"steps": 4}, "occlusion": {"window": 32, "stride": 32},
@@ -24,12 +31,24 @@ def _scripted() -> nn.Module:
     return torch.jit.script(DigitsCNN(width=8).eval())
 
 
+def _exported() -> nn.Module:
+    """A torch.export program of a residual net with BatchNorm, saved and loaded as model=exported does."""
+    torch.manual_seed(0)
+    net = trained_like(TinyResNet())
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "net.pt2"
+        torch.export.save(torch.export.export(net, (torch.randn(2, 3, 64, 64),),
+                                              dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+        return build_model(OmegaConf.create({"source": "exported", "path": str(path)})).module
+
+
 MODELS = {
     "digits_cnn": (lambda: DigitsCNN(width=8), (1, 64, 64)),
     "digits_cnn_fc": (lambda: DigitsCNNFC(width=8), (1, 64, 64)),
     "efficientnet_lite0": (load_efficientnet_lite0, (3, 64, 64)),
     "resnet18": (lambda: resnet18(num_classes=10), (3, 64, 64)),
     "torchscript": (_scripted, (1, 64, 64)),
+    "exported": (_exported, (3, 64, 64)),
 }
 
 

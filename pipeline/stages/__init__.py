@@ -16,6 +16,15 @@ from pipeline.errors import PipelineError, suggest
 from pipeline.runtime import Context
 
 STAGES = ("train", "layers", "methods", "extract", "index", "query", "explain", "visualize", "report", "audit")
+# the stages that cannot run on a model without forward hooks (a TorchScript file), and why; in the
+# others, the methods that need hooks say so themselves (NotApplicable)
+NEEDS_HOOKS = {
+    "extract": "records layer activations with forward hooks",
+    "index": "indexes the layer activations that stage=extract records with forward hooks",
+    "query": "reads the layer activations that stage=extract records with forward hooks",
+    "visualize": "runs gradient ascent and deconvnet projections through forward hooks on a layer",
+    "audit": "compares the layer activations that stage=extract records with forward hooks",
+}
 
 
 def stage_names(cfg: DictConfig) -> list[str]:
@@ -31,10 +40,20 @@ def stage_names(cfg: DictConfig) -> list[str]:
     return names
 
 
+def check_hooks(ctx: Context, names: list[str]) -> None:
+    """Refuse, before any stage runs, a run with a stage that needs hooks the model does not take."""
+    blocked = [n for n in names if n in NEEDS_HOOKS]
+    if blocked and not ctx.takes_hooks():
+        raise PipelineError(f"stage={blocked[0]} {NEEDS_HOOKS[blocked[0]]}, which TorchScript modules do not take: "
+                            "export the model with torch.export and load it with model=exported (README: Export "
+                            "your model), or load the nn.Module itself (model=torchvision, model=timm).")
+
+
 def run_stages(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stages in order in one context; returns the run summary."""
     names = stage_names(cfg)
     ctx = Context(cfg)
+    check_hooks(ctx, names)
     failure: AuditFailed | None = None
     for name in names:
         start = time.perf_counter()

@@ -20,4 +20,9 @@ def run(ctx: Context) -> dict[str, Any]:
     out = ctx.run_dir / "layers.csv"
     table.to_csv(out, index=False)
     print(table.to_string(index=False))
-    return {"layers": len(rows), "table": str(out)}
+    result: dict[str, Any] = {"layers": len(rows), "table": str(out)}
+    if not model.takes_hooks:
+        result["note"] = ("no output shapes: they are measured with forward hooks, which TorchScript modules do "
+                          "not take; export the model with torch.export and use model=exported to see them")
+        print(f"note: {result['note']}")
+    return result
