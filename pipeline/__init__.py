@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from omegaconf import OmegaConf
+
 __version__ = "0.1.0"
+
+# conf/hydra/launcher/slurm.yaml: a GPU per node only when the run asks for device=cuda.
+OmegaConf.register_new_resolver("slurm_gpus", lambda device: 1 if str(device) == "cuda" else 0, replace=True)
 
 
 def explain(model: Any, x: Any, method: str, target: Any = None, **settings: Any) -> Any:

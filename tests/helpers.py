@@ -1,7 +1,10 @@
-"""Tiny hand-built models shared by the method tests."""
+"""Tiny hand-built models shared by the method tests, and the activation store compared as a query sees it."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import pandas as pd
 import torch
 from torch import nn
 
@@ -44,3 +47,26 @@ def trained_like(model: nn.Module) -> nn.Module:
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 1.5)
     return model.eval()
+
+
+def store_state(ctx: Any) -> dict:
+    """Everything a query can see: image rows and every layer's stats and top-K, keyed by image id."""
+    store = ctx.store()
+    images = store.images().sort_values("image_id").reset_index(drop=True)
+    state = {"images": images[["image_id", "row_id", "label", "prediction"]]}
+    for layer in store.layers():
+        parts = sorted((store.root / layer).glob("*.parquet"))
+        table = pd.concat([pd.read_parquet(p) for p in parts]).merge(images[["row_id", "image_id"]], on="row_id")
+        state[layer] = table.sort_values("image_id").drop(columns="row_id").reset_index(drop=True)
+        state[f"{layer}/top"] = [tuple(store.topk(layer, c, 5)["image_id"]) for c in range(store.channels(layer))]
+    return state
+
+
+def assert_same_store(a: dict, b: dict) -> None:
+    """Two :func:`store_state` results are equal, frame by frame and value by value."""
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], pd.DataFrame):
+            pd.testing.assert_frame_equal(a[k], b[k])
+        else:
+            assert a[k] == b[k], k

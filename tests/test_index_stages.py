@@ -18,30 +18,9 @@ from PIL import Image
 from pipeline.errors import PipelineError
 from pipeline.runtime import Context, images_to_tensor
 from pipeline.stages import run_stages
+from tests.helpers import assert_same_store, store_state
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _store_state(ctx: Context) -> dict:
-    """Everything a query can see: image rows and every layer's stats and top-K, keyed by image id."""
-    store = ctx.store()
-    images = store.images().sort_values("image_id").reset_index(drop=True)
-    state = {"images": images[["image_id", "row_id", "label", "prediction"]]}
-    for layer in store.layers():
-        parts = sorted((store.root / layer).glob("*.parquet"))
-        table = pd.concat([pd.read_parquet(p) for p in parts]).merge(images[["row_id", "image_id"]], on="row_id")
-        state[layer] = table.sort_values("image_id").drop(columns="row_id").reset_index(drop=True)
-        state[f"{layer}/top"] = [tuple(store.topk(layer, c, 5)["image_id"]) for c in range(store.channels(layer))]
-    return state
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], pd.DataFrame):
-            pd.testing.assert_frame_equal(a[k], b[k])
-        else:
-            assert a[k] == b[k], k
 
 
 def test_topk_matches_a_direct_forward_pass(make_cfg) -> None:
@@ -158,7 +137,7 @@ def test_killed_extract_resumes_to_the_same_store(make_cfg, tmp_path: Path) -> N
     run_stages(make_cfg(["stage=train"]))  # the model is trained once, outside the killed runs
     reference = Context(make_cfg(["stage=extract"]))
     run_stages(make_cfg(["stage=extract"]))
-    want = _store_state(reference)
+    want = store_state(reference)
     import shutil
     shutil.rmtree(reference.store().root)
     for point in ("part_written:3", "journal_written:5", "finalize_staged:1", "finalize_applying:1"):
@@ -167,7 +146,7 @@ def test_killed_extract_resumes_to_the_same_store(make_cfg, tmp_path: Path) -> N
         assert proc.returncode == -signal.SIGKILL, (point, proc.stderr[-2000:])
         done = subprocess.run(_extract_cmd(tmp_path), capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
-        _assert_same(_store_state(Context(make_cfg(["stage=extract"]))), want)
+        assert_same_store(store_state(Context(make_cfg(["stage=extract"]))), want)
         shutil.rmtree(reference.store().root)
 
 
@@ -178,7 +157,7 @@ def test_two_shard_joblib_multirun_equals_a_single_run(make_cfg, tmp_path: Path)
     proc = subprocess.run([*cmd[:3], "-m", *cmd[3:]], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_stages(make_cfg(["stage=index"]))
-    sharded = _store_state(Context(make_cfg(["stage=query"])))
+    sharded = store_state(Context(make_cfg(["stage=query"])))
     single_out = tmp_path / "single"
     single_out.mkdir()
     from tests.conftest import compose_config
@@ -188,4 +167,4 @@ def test_two_shard_joblib_multirun_equals_a_single_run(make_cfg, tmp_path: Path)
     import shutil
     shutil.copytree(tmp_path / "cache" / "models", tmp_path / "cache_single" / "models")
     run_stages(cfg)
-    _assert_same(_store_state(Context(cfg)), sharded)
+    assert_same_store(store_state(Context(cfg)), sharded)

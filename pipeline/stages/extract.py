@@ -7,6 +7,8 @@ Incremental: only images the store lacks (new or changed) go through the model. 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -63,6 +65,15 @@ def extract_chunk(ctx: Context, chunk: pd.DataFrame, layers: list[str], bar: tqd
     return layer_arrays, preds
 
 
+def current_job() -> dict[str, Any]:
+    """What runs this shard: the SLURM job (``<array job>_<task>`` for an array task) when there is
+    one, and the host and process, so that stage=index can name a shard's job."""
+    env = os.environ
+    array, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array}_{task}" if array and task else env.get("SLURM_JOB_ID")
+    return {"slurm_job": job, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+
+
 def run(ctx: Context) -> dict[str, Any]:
     """Extract the configured layers for the images the store lacks; finalize when unsharded."""
     cfg = ctx.cfg.extract
@@ -72,7 +83,7 @@ def run(ctx: Context) -> dict[str, Any]:
     model.module.eval()
     store = ctx.store(create=True)
     records = ctx.store_records()
-    plan = store.plan(records, layers, shard=shard, num_shards=num_shards)
+    plan = store.plan(records, layers, shard=shard, num_shards=num_shards, job=current_job())
     log.info("extract: %d of %d images in shard %d/%d need the model (%d already stored)",
              len(plan), plan.n_in_shard, shard, num_shards, plan.n_done)
     start = time.perf_counter()

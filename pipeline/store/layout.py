@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -36,8 +37,9 @@ WORK = ".work"
 STATS = ("max", "mean", "argmax")
 VALUE_STATS = ("max", "mean")
 CRASH_ENV = "PIPELINE_STORE_CRASH_AT"
+PAUSE_ENV = "PIPELINE_STORE_PAUSE_AT"
 
-_crash_counts: dict[str, int] = {}
+_crash_counts: dict[tuple[str, str], int] = {}
 
 
 def layer_dirname(layer: str) -> str:
@@ -84,16 +86,18 @@ def write_parquet_atomic(table: pa.Table, path: Path, compression: str = "snappy
 
 
 def crash_point(name: str) -> None:
-    """Test hook: SIGKILL this process the n-th time ``name`` is reached when ``$PIPELINE_STORE_CRASH_AT=name:n``.
-
-    Used by the crash-safety tests to kill a writer at an exact step; a no-op otherwise.
-    """
-    spec = os.environ.get(CRASH_ENV)
-    if not spec:
-        return
-    point, _, count = spec.rpartition(":")
-    if point != name:
-        return
-    _crash_counts[name] = _crash_counts.get(name, 0) + 1
-    if _crash_counts[name] >= int(count):
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Test hook: the n-th time ``name`` is reached, SIGKILL this process when
+    ``$PIPELINE_STORE_CRASH_AT=name:n``, or hold it there (sleep) when ``$PIPELINE_STORE_PAUSE_AT=name:n``,
+    for a scheduler or a test to kill it at an exact step. A no-op otherwise."""
+    for env in (CRASH_ENV, PAUSE_ENV):
+        spec = os.environ.get(env)
+        if not spec:
+            continue
+        point, _, count = spec.rpartition(":")
+        if point != name:
+            continue
+        _crash_counts[(env, name)] = _crash_counts.get((env, name), 0) + 1
+        if _crash_counts[(env, name)] >= int(count):
+            if env == CRASH_ENV:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(3600)

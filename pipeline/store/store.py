@@ -52,6 +52,7 @@ INDEX_HINT = "run `python -m pipeline stage=index`"
 NA_LABEL = np.iinfo(np.int64).min
 DTYPES = {"float32": np.float32, "float16": np.float16}
 _SHARD_DIR = re.compile(r"^s(\d{3})of(\d{3})$")
+JOB_FILE = "job.json"  # in a shard's work folder: the job that runs it
 
 
 # ----------------------------------------------------------------------------------- records ---
@@ -216,11 +217,14 @@ class ActivationStore:
 
     # ------------------------------------------------------------------------------ plan ---
 
-    def plan(self, records: pd.DataFrame, layers: Sequence[str], shard: int = 0, num_shards: int = 1) -> Plan:
+    def plan(self, records: pd.DataFrame, layers: Sequence[str], shard: int = 0, num_shards: int = 1,
+             job: Mapping[str, Any] | None = None) -> Plan:
         """This shard's records that need the model, with stable row ids (see the module docstring).
 
         ``layers`` are the layers the caller will write. Also cleans the shard's work folder of
-        anything its journal does not list (a killed run's half-written files).
+        anything its journal does not list (a killed run's half-written files). ``job`` (what runs
+        this shard: a scheduler's job id, host, pid) is kept in the shard's folder, so that
+        :meth:`shard_status` can name the job of a shard that has not finished.
         """
         if num_shards < 1 or not 0 <= shard < num_shards:
             raise PipelineError(f"shard must be in 0..{num_shards - 1} and num_shards >= 1 "
@@ -235,6 +239,9 @@ class ActivationStore:
             "generation": self.generation + 1, "shard": shard, "num_shards": num_shards,
             "layers": {}, "parts": [], "state": None}
         _clean_shard_dir(folder, journal)
+        if job is not None and num_shards > 1:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(folder / JOB_FILE, dict(job))
         journals = self._journals()
         versions = self._image_versions(journals, with_predictions=False)
         recs["row_id"] = self._assign_row_ids(recs, versions)
@@ -269,6 +276,25 @@ class ActivationStore:
         for p in work.iterdir():
             if p.is_dir() and p.name.startswith("g") and p != self._work_dir():
                 shutil.rmtree(p, ignore_errors=True)
+
+    def shard_status(self, records: pd.DataFrame) -> dict[str, Any]:
+        """The sharded extraction waiting to be merged: ``num_shards`` (None when no shard has
+        started), ``missing`` (shard -> images of ``records`` it has not written yet) and ``jobs``
+        (shard -> what runs or ran it, as given to :meth:`plan`)."""
+        work = self._work_dir()
+        found = [(p, _SHARD_DIR.match(p.name)) for p in sorted(work.iterdir())] if work.is_dir() else []
+        found = [(p, int(m.group(1)), int(m.group(2))) for p, m in found if m]
+        if not found:
+            return {"num_shards": None, "missing": {}, "jobs": {}}
+        n = max(of for _, _, of in found)
+        recs = normalize_records(records)
+        versions = self._image_versions(self._journals(), with_predictions=False)
+        have = pd.MultiIndex.from_frame(versions[["image_id", "code"]])
+        written = pd.MultiIndex.from_arrays([recs["image_id"], _label_code(recs["label"])]).isin(have)
+        shards = shard_of(recs.loc[~written, "image_id"].tolist(), n)
+        missing = {int(k): int(v) for k, v in zip(*np.unique(shards, return_counts=True))}
+        jobs = {s: _read_json(p / JOB_FILE) for p, s, of in found if of == n and (p / JOB_FILE).is_file()}
+        return {"num_shards": n, "missing": missing, "jobs": {s: j for s, j in jobs.items() if j}}
 
     def _journals(self) -> list[tuple[Path, dict[str, Any]]]:
         """(folder, journal) of every shard of the next generation, in a fixed order."""
@@ -1132,7 +1158,7 @@ def _clean_shard_dir(folder: Path, journal: dict[str, Any]) -> None:
     """Delete everything in a shard's work folder that its journal does not list."""
     if not folder.is_dir():
         return
-    keep = {"journal.json"}
+    keep = {"journal.json", JOB_FILE}
     if journal.get("state"):
         keep.add(journal["state"])
     for p in journal["parts"]:
