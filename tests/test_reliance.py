@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from pipeline.stages import audit as audit_stage
 from pipeline.stages import explain as explain_stage
 from pipeline.store.maps import MapStore, decode_maps, decode_object, encode_maps, encode_objects
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
 CORNER = (0, 0, 6, 6)                                        # the "watermark" square, outside every object
 REGIONS = [(4, 18, 14, 28), (18, 4, 28, 14), (18, 18, 28, 28), (10, 10, 20, 20)]  # class c's object box
@@ -34,6 +37,10 @@ class RegionModel(nn.Module):
 
     def __init__(self, corner_class: int | None = None, mixed_class: int | None = None) -> None:
         super().__init__()
+        self.stem = nn.Conv2d(1, 1, 1)          # the identity: a layer for stage=extract to store
+        with torch.no_grad():
+            self.stem.weight.fill_(1.0)
+            self.stem.bias.zero_()
         w = torch.zeros(len(REGIONS), 1, SIZE, SIZE)
         for c, (x0, y0, x1, y1) in enumerate(REGIONS):
             w[c, 0, y0:y1, x0:x1] = 1.0 / ((x1 - x0) * (y1 - y0))
@@ -47,6 +54,7 @@ class RegionModel(nn.Module):
                              torch.nn.functional.one_hot(torch.tensor(mixed_class), len(REGIONS)).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
         logits = (x[:, None] * self.w[None]).flatten(2).sum(-1) * 10
         gate = torch.relu((x * self.corner).flatten(1).sum(-1) - 0.5) * 80
         return logits + gate[:, None] * self.mixed[None]
@@ -254,6 +262,26 @@ def test_audit_reliance_section_snapshots_drift_and_fails_on_flagged_classes(mak
     assert again["maps_computed"] == 0 and again["energy_drops"] == [] and values2["inside_energy_drop"] == 0.0
     assert {r["class_name"] for r in again["drift"]} == {"0", "1", "2", "3"}
     assert all(r["map_correlation"] == pytest.approx(1.0) for r in again["drift"])
+
+
+@pytest.mark.slow
+def test_the_audit_command_exits_1_when_a_class_looks_away_from_its_object(tmp_path: Path) -> None:
+    """audit.fail_on.max_flagged_classes through the real command line, on an exported model."""
+    manifest = _dataset(tmp_path / "data", 6, {0: 6}, boxes=True)
+    program = torch.export.export(RegionModel(corner_class=0).eval(), (torch.zeros(2, 1, SIZE, SIZE),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, tmp_path / "region.pt2")
+    cmd = [sys.executable, "-m", "pipeline", "stage=[extract,index,audit]", "data=manifest", f"data.path={manifest}",
+           "model=exported", f"model.path={tmp_path / 'region.pt2'}", "model.mean=[0.0]", "model.std=[1.0]",
+           "audit.reliance.methods=[saliency]", "audit.reliance.split=test", "explain.causal.enabled=false",
+           "progress=false", "device=cpu", f"paths.outputs={tmp_path / 'out'}"]
+    failed = subprocess.run([*cmd, "audit.fail_on.max_flagged_classes=0"], capture_output=True, text=True,
+                            timeout=600, cwd=ROOT)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert "audit failed: 1 classes look away from their objects" in failed.stderr.strip().splitlines()[-1]
+    passed = subprocess.run([*cmd, "audit.fail_on.max_flagged_classes=1"], capture_output=True, text=True,
+                            timeout=600, cwd=ROOT)
+    assert passed.returncode == 0, passed.stderr[-3000:]
 
 
 def test_causal_variants_flag_the_corner_class_and_are_cached(make_cfg, tmp_path: Path) -> None:
