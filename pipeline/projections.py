@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from pipeline.artifacts import OVERLAY_FILE, Artifact, artifact_key, read_artifact
 from pipeline.errors import PipelineError
@@ -129,7 +130,8 @@ def compute(ctx: Context, layer: str, hw: tuple[int, int], jobs: list[Job], fn: 
     std = torch.as_tensor(model.std, dtype=torch.float32).view(-1, 1, 1)
     _, h, w = model.input_shape
     bs = max(1, int(cfg.batch_size))
-    for s in range(0, len(jobs), bs):
+    for s in tqdm(range(0, len(jobs), bs), desc=KIND[jobs[0].method] if jobs else "projections", unit="batch",
+                  disable=None if ctx.progress else True):
         batch = jobs[s:s + bs]
         x = images_to_tensor([j.path for j in batch], model.transform)
         res = fn(model.module, x.to(ctx.device), layer, [j.channel for j in batch],

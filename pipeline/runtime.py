@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipeline.cache import Cache, atomic_write_json, make_key
+from pipeline.cache import Cache, atomic_write_json, make_key, read_manifest
 from pipeline.data import DatasetBundle, load_dataset
 from pipeline.data.sources import clutter_key
 from pipeline.data.images import load_image
@@ -52,6 +52,16 @@ def run_dir_from_hydra(default: Path) -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:
         return default
+
+
+def show(text: str) -> None:
+    """Print a result table for the user and write it to the run's log file too (through the log
+    handlers that write files, so the console does not get it twice)."""
+    print(text)
+    record = logging.LogRecord("pipeline.results", logging.INFO, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
 
 
 def plain(value: Any) -> Any:
@@ -129,17 +139,28 @@ class Context:
     def _training_data_cfg(self) -> DictConfig:
         return OmegaConf.merge({"source": "clutter_digits"}, self.cfg.train.get("data") or {})
 
-    def trained_builtin(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Train (or fetch from the cache) the configured built-in model; returns weights and metrics."""
+    def _training(self) -> tuple[TrainParams, str]:
+        """The built-in model's training parameters and its cache key."""
         mcfg = self.cfg.model
         tcfg = OmegaConf.merge(self.cfg.train, mcfg.get("train") or {})  # a model's own recipe wins
         params = TrainParams(**{k: tcfg[k] for k in TrainParams.__dataclass_fields__ if k in tcfg})
         key = make_key(kind="train", version=TRAIN_VERSION, arch=mcfg.arch, width=int(mcfg.get("width", 32)),
                        params=params.__dict__, data=self.training_data_key())
+        return params, key
+
+    def builtin_is_trained(self) -> bool:
+        """Whether the configured built-in model is in the cache already (nothing is trained to tell)."""
+        return read_manifest(self.cache.path("models", self._training()[1])) is not None
+
+    def trained_builtin(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Train (or fetch from the cache) the configured built-in model; returns weights and metrics."""
+        mcfg = self.cfg.model
+        params, key = self._training()
         folder = self.cache.get("models", key)
         if folder is None:
             data = self.training_data()
-            log.info("training %s on %s (%d images)", mcfg.arch, data.name, len(data.records))
+            log.info("training %s on %s (%d images): every stage needs the model, and none is cached for "
+                     "these settings yet; it is kept for later runs", mcfg.arch, data.name, len(data.records))
             net_cls = {"digits_cnn": DigitsCNN, "digits_cnn_fc": DigitsCNNFC}[mcfg.arch]
             torch.manual_seed(params.seed)
             net = net_cls(width=int(mcfg.get("width", 32)), batchnorm=True)

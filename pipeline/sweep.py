@@ -1,10 +1,12 @@
 """Sweep summaries: a Hydra callback that ends a multirun with one table across its jobs.
 
-At the end of ``python -m pipeline -m ...`` it reads each job's ``summary.json`` and
+At the end of ``python -m pipeline -m ...`` it reads each job's ``status.json``, ``summary.json`` and
 ``.hydra/overrides.yaml`` from the sweep folder and writes ``<sweep dir>/sweep_summary.csv`` (one
-row per job: its overrides, status and every scalar of its summary, dotted: ``stages.train.test_accuracy``)
+row per job: its status, exit status and error line, its overrides and every scalar of its summary,
+dotted: ``stages.train.test_accuracy``)
 and ``<sweep dir>/sweep.html`` (the same table, with the settings shared by every job pulled out
-and links to each job's report). Enabled in ``conf/config.yaml``::
+and links to each job's report). When a job did not succeed it names it on stderr and the sweep
+exits with the highest exit status of its jobs (:mod:`pipeline.app`). Enabled in ``conf/config.yaml``::
 
     hydra:
       callbacks:
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.app import INTERNAL_ERROR, STATUS_FILE
 from pipeline.cache import atomic_write_bytes
 from pipeline.report.data import read_json
 from pipeline.report.html import Raw, Section, facts, link, note, page, table
@@ -80,11 +84,12 @@ def summarize_sweep(sweep_dir: Path) -> pd.DataFrame:
             key, sep, value = o.partition("=")
             if sep:
                 row[f"override:{key.lstrip('+~')}"] = value
+        status = read_json(job / STATUS_FILE) or {}
+        row["status"] = status.get("status", "no status.json (still running, or killed)")
+        row["exit"] = status.get("exit")
+        row["message"] = status.get("message", "")
         summary = read_json(job / "summary.json")
-        if summary is None:
-            row["status"] = "no summary.json (failed or still running)"
-        else:
-            row["status"] = "ok"
+        if summary is not None:
             stages = summary.get("stages") or {}
             row["seconds"] = round(sum(float(r.get("seconds", 0) or 0) for r in stages.values()), 2)
             cache = summary.get("cache") or {}
@@ -95,8 +100,8 @@ def summarize_sweep(sweep_dir: Path) -> pd.DataFrame:
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
-        return pd.DataFrame(columns=["job", "status", "overrides"])
-    first = ["job", "status", "overrides", *[c for c in df.columns if c.startswith("override:")]]
+        return pd.DataFrame(columns=["job", "status", "exit", "message", "overrides"])
+    first = ["job", "status", "exit", "message", "overrides", *[c for c in df.columns if c.startswith("override:")]]
     return df[first + [c for c in df.columns if c not in first]]
 
 
@@ -117,11 +122,11 @@ def _clip(value: Any, width: int = 32) -> Any:
 def sweep_page(sweep_dir: Path, df: pd.DataFrame) -> str:
     """The sweep's page: counts, settings shared by every job, and the table of what differs."""
     ok = int((df["status"] == "ok").sum()) if len(df) else 0
-    parts = [facts({"sweep folder": str(sweep_dir), "jobs": len(df), "finished": ok, "failed or missing": len(df) - ok})]
+    parts = [facts({"sweep folder": str(sweep_dir), "jobs": len(df), "succeeded": ok, "failed or missing": len(df) - ok})]
     if df.empty:
         parts.append(note("No job folders found in the sweep folder."))
         return page(f"Sweep {sweep_dir.name}", str(sweep_dir), [Section("jobs", "Jobs", Raw("".join(parts)))])
-    fixed_cols = ["job", "status", "overrides"]  # overrides: one column per key instead
+    fixed_cols = ["job", "status", "exit", "message", "overrides"]  # overrides: one column per key instead
     same, varying = {}, []
     for c in df.columns:
         if c in fixed_cols:
@@ -138,10 +143,10 @@ def sweep_page(sweep_dir: Path, df: pd.DataFrame) -> str:
     for r in df.to_dict("records"):
         job = str(r["job"])
         report = f"{job}/report.html" if (sweep_dir / job / "report.html").is_file() else None
-        cells: list[Any] = [link(report, job) if report else job, r["status"]]
+        cells: list[Any] = [link(report, job) if report else job, r["status"], r.get("message") or ""]
         cells += [None if _blank(r.get(c)) else _clip(r.get(c)) for c in varying]
         rows.append(cells)
-    parts.append(Raw('<div class="scroll">') + table(["job", "status", *varying], rows) + Raw("</div>"))
+    parts.append(Raw('<div class="scroll">') + table(["job", "status", "message", *varying], rows) + Raw("</div>"))
     sections = [Section("jobs", "Jobs", Raw("".join(parts)))]
     if same:
         sections.append(Section("same", "Same in every job", facts({k: _clip(v, 80) for k, v in same.items()})))
@@ -172,3 +177,12 @@ class SweepSummary(Callback):
             return
         csv_path, html_path, n = write_sweep_summary(sweep_dir, self.csv, self.html)
         print(f"\nsweep summary ({n} jobs): {csv_path}\n  page: {html_path}")
+        df = pd.read_csv(csv_path)
+        failed = df[df["status"] != "ok"]
+        for r in failed.itertuples(index=False):
+            print(f"  job {r.job}: {r.message if isinstance(r.message, str) and r.message else r.status}",
+                  file=sys.stderr)
+        if len(failed):
+            codes = pd.to_numeric(failed["exit"], errors="coerce").fillna(INTERNAL_ERROR)
+            print(f"{len(failed)} of {n} jobs did not succeed", file=sys.stderr)
+            sys.exit(int(codes.max()))

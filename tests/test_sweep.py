@@ -20,11 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _job(sweep: Path, name: str, overrides: list[str], summary: dict | None) -> Path:
+    """A job folder as a run leaves it: a failed job has a status.json saying why, no summary."""
     job = sweep / name
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     if summary is not None:
         (job / "summary.json").write_text(json.dumps(summary))
+    status = {"status": "ok", "exit": 0, "message": ""} if summary is not None else \
+        {"status": "error", "exit": 2, "message": "error: unknown model"}
+    (job / "status.json").write_text(json.dumps(status))
     return job
 
 
@@ -46,19 +50,21 @@ def test_sweep_summary_table_and_page_from_job_folders(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     _job(sweep, "0", ["stage=train", "model=digits_cnn"], _summary("digits_cnn", 0.9))
     _job(sweep, "1", ["stage=train", "model=<b>fc</b>"], _summary("<b>fc</b>", 0.8))
-    _job(sweep, "10", ["stage=train", "model=digits_cnn_fc"], None)  # failed: no summary.json
+    _job(sweep, "10", ["stage=train", "model=digits_cnn_fc"], None)  # failed: a status, no summary
     (sweep / "1" / "report.html").write_text("<html></html>")
     df = summarize_sweep(sweep)
     assert df["job"].tolist() == ["0", "1", "10"]
-    assert df["status"].tolist()[:2] == ["ok", "ok"] and df["status"][2].startswith("no summary.json")
+    assert df["status"].tolist() == ["ok", "ok", "error"] and df["message"][2] == "error: unknown model"
     assert df["override:model"].tolist() == ["digits_cnn", "<b>fc</b>", "digits_cnn_fc"]
     assert df["stages.train.test_accuracy"].tolist()[:2] == [0.9, 0.8]
     assert df["stages.explain.quality.cam.pointing"][0] == 0.9 and df["seconds"][0] == 3.5
     assert df["cache.hits"][0] == 1 and df["cache.misses"][0] == 1
 
-    SweepSummary().on_multirun_end(config=OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    with pytest.raises(SystemExit) as ended:     # a failed job: the sweep exits with its status
+        SweepSummary().on_multirun_end(config=OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    assert ended.value.code == 2
     csv = pd.read_csv(sweep / CSV_NAME)
-    assert len(csv) == 3 and list(csv.columns[:3]) == ["job", "status", "overrides"]
+    assert len(csv) == 3 and list(csv.columns[:5]) == ["job", "status", "exit", "message", "overrides"]
     page = (sweep / HTML_NAME).read_text()
     assert "<b>fc</b>" not in page and "&lt;b&gt;fc&lt;/b&gt;" in page
     assert '<a href="1/report.html">1</a>' in page and f'<a href="{CSV_NAME}">' in page

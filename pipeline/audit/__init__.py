@@ -19,6 +19,7 @@ class AuditFailed(PipelineError):
     def __init__(self, message: str, result: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.result = result or {}
+        self.summary: dict[str, Any] | None = None   # the whole run's summary, set by the stage runner
 
 
 __all__ = ["AuditFailed"]

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError, suggest
 
@@ -448,7 +449,7 @@ def render(model: nn.Module, objectives: Sequence[Objective], image_shape: Seque
            transforms: Sequence[Transform] | None = None, l2: float = 0.0, tv: float = 0.0,
            blur_every: int = 0, blur_sigma: float = 0.5, decorrelate: bool = True,
            seed: int = 0, mean: Sequence[float] | None = None,
-           std: Sequence[float] | None = None) -> Tensor:
+           std: Sequence[float] | None = None, progress: bool = False) -> Tensor:
     """Optimise one image per objective and return them as (B, C, H, W) in [0, 1].
 
     Maximises, per image i, ``objectives[i] - l2 * mean(x_i^2) - tv * total_variation(img_i)``
@@ -459,6 +460,7 @@ def render(model: nn.Module, objectives: Sequence[Objective], image_shape: Seque
     objectives read. With ``blur_every > 0`` the image is blurred with ``blur_sigma`` pixels every
     that many steps. ``param`` is ``"fourier"`` (decorrelated 1/f spectrum, Lucid's default) or
     ``"pixel"``; ``decorrelate`` mixes colours by ImageNet's colour covariance (3 channels only).
+    ``progress`` shows a bar over the steps.
     """
     _require_eval(model, "render")
     if not objectives:
@@ -483,7 +485,7 @@ def render(model: nn.Module, objectives: Sequence[Objective], image_shape: Seque
     opt = torch.optim.Adam(params, lr=lr)
 
     with torch.enable_grad():
-        for step in range(steps):
+        for step in tqdm(range(steps), desc="ascent", unit="step", disable=None if progress else True):
             img = image_fn()
             seen = img
             for t in tfs:

@@ -1,6 +1,7 @@
 """The stages, by name, and the loop that runs the configured ones.
 
-Each stage module has ``run(ctx) -> dict`` which returns what it did for the run summary.
+Each stage module has ``run(ctx) -> dict`` which returns what it did for the run summary, and may
+have ``check(cfg)``, which checks its settings before any stage of the run does work.
 """
 
 from __future__ import annotations
@@ -49,11 +50,34 @@ def check_hooks(ctx: Context, names: list[str]) -> None:
                             "your model), or load the nn.Module itself (model=torchvision, model=timm).")
 
 
+# the stages that read an activation store an earlier stage=extract must have written
+NEEDS_STORE = ("index", "query", "audit")
+
+
+def check_store(ctx: Context, names: list[str]) -> None:
+    """Before any work: a stage that reads the activation store, with no extract before it in this
+    run, needs the store to exist. A built-in model that has not been trained here cannot have one,
+    so that is said without training it first."""
+    first = next((n for i, n in enumerate(names) if n in NEEDS_STORE and "extract" not in names[:i]), None)
+    if first is None:
+        return
+    if ctx.cfg.model.source == "builtin" and not ctx.builtin_is_trained():
+        raise PipelineError(f"stage={first} reads the activation store, and there is none yet: {ctx.cfg.model.name} "
+                            "has not been trained here. Run `python -m pipeline stage=extract` first (it trains "
+                            "the model, then stores its activations).")
+    ctx.store()  # the one-line error naming the command when the store is missing
+
+
 def run_stages(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stages in order in one context; returns the run summary."""
     names = stage_names(cfg)
     ctx = Context(cfg)
+    for name in names:  # a stage's own settings (``check(cfg)``) before any stage works
+        check = getattr(importlib.import_module(f"pipeline.stages.{name}"), "check", None)
+        if check is not None:
+            check(cfg)
     check_hooks(ctx, names)
+    check_store(ctx, names)
     failure: AuditFailed | None = None
     for name in names:
         start = time.perf_counter()
@@ -65,5 +89,6 @@ def run_stages(cfg: DictConfig) -> dict[str, Any]:
         ctx.summary["stages"][name] = result
     summary = ctx.finish()
     if failure is not None:
+        failure.summary = summary
         raise failure
     return summary

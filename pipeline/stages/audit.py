@@ -151,6 +151,11 @@ def _records(df: pd.DataFrame, limit: int | None = None) -> list[dict[str, Any]]
     return df.where(df.notna(), None).to_dict("records")
 
 
+def check(cfg: Any) -> None:
+    """The audit's own settings, checked before any stage of the run does work."""
+    _config_checks(cfg.audit)
+
+
 def _config_checks(acfg: Any) -> dict[str, float | None]:
     limits = dict(acfg.get("fail_on") or {})
     for key in limits:

@@ -39,7 +39,7 @@ from pipeline.explaining import build_methods, curve_images, explain_split, imag
     reliance_rules
 from pipeline.reliance.assess import assess
 from pipeline.reliance.backgrounds import causal_section
-from pipeline.runtime import Context
+from pipeline.runtime import Context, show
 from pipeline.selection import Item, Predictions, input_box, resolve_target, select_images
 
 log = logging.getLogger(__name__)
@@ -191,12 +191,12 @@ def _panel_name(item: Item) -> str:
 def print_causal(rows: list[dict[str, Any]], causal: dict[str, Any]) -> None:
     """The causal table, as the per-class reliance table is printed."""
     if not rows:
-        print(f"\ncausal reliance: {causal.get('note', 'no rows')}")
+        show(f"\ncausal reliance: {causal.get('note', 'no rows')}")
         return
     cols = ["class_name", "images", "accuracy", "object_only_retention", "context_only_retention", "mixed_same",
             "mixed_rand", "bg_gap", "flagged"]
-    print(f"\ncausal reliance (predictions on variants, fill={causal['fill']}):")
-    print(pd.DataFrame(rows)[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    show(f"\ncausal reliance (predictions on variants, fill={causal['fill']}):")
+    show(pd.DataFrame(rows)[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
 def run_split(ctx: Context) -> dict[str, Any]:
@@ -239,8 +239,8 @@ def run_split(ctx: Context) -> dict[str, Any]:
     table = pd.DataFrame(section["per_class"])
     if not table.empty:
         cols = ["class_name", "method", "images", "inside_energy", "pointing", "outside_fraction", "flagged"]
-        print(f"\nreliance per class on {result['images']} images ({section['rule']}):")
-        print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        show(f"\nreliance per class on {result['images']} images ({section['rule']}):")
+        show(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     result.update(reliance=str(out_dir / "reliance.json"), flagged_classes=section["flagged_classes"])
     return result
 
@@ -349,15 +349,15 @@ def write_outputs(ctx: Context, explainer: Explainer, table: pd.DataFrame, out_d
             result[f"{name}_conversion"] = conversion
             result[f"{name}_localizer_accuracy"] = round(conversion["converted_accuracy"], 4)
             result["original_accuracy"] = round(conversion["original_accuracy"], 4)
-            print(f"\n{name} localizer at {conversion['layer']}: accuracy {conversion['converted_accuracy']:.3f} "
+            show(f"\n{name} localizer at {conversion['layer']}: accuracy {conversion['converted_accuracy']:.3f} "
                   f"(original model {conversion['original_accuracy']:.3f}, on {conversion['evaluated_on']} images)")
     if table["box_iou"].notna().any():
         summary = summarize_metrics(table)
         metrics["methods"] = {m: {k: (None if pd.isna(v) else float(v)) for k, v in r.items()}
                               for m, r in summary.iterrows()}
-        print(f"\nexplanation quality on {int(summary['images'].max())} images with boxes (target: {ecfg.target}, "
+        show(f"\nexplanation quality on {int(summary['images'].max())} images with boxes (target: {ecfg.target}, "
               f"box threshold {ecfg.metrics.box_threshold}):")
-        print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
+        show(summary.to_string(float_format=lambda v: f"{v:.3f}"))
         result["quality"] = metrics["methods"]
     metrics_path = out_dir / "metrics.json"
     atomic_write_json(metrics_path, metrics)

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.runtime import Context
@@ -64,13 +65,11 @@ def run(ctx: Context) -> dict[str, Any]:
     if approx in ("ivf", "hnsw") or (approx == "auto" and n_rows >= int(cfg.approximate_min_rows)):
         kinds.append("hnsw" if approx == "auto" else approx)
     built: dict[str, list[str]] = {}
-    for layer in store.layers():
-        for metric in cfg.metrics:
-            for kind in kinds:
-                params = dict(cfg.get(kind) or {})
-                result = store.build_index(layer, kind=kind, metric=str(metric), **params)
-                if result.get("built"):
-                    built.setdefault(layer, []).append(f"{kind}/{metric}")
+    todo = [(layer, str(metric), kind) for layer in store.layers() for metric in cfg.metrics for kind in kinds]
+    for layer, metric, kind in tqdm(todo, desc="index", unit="index", disable=None if ctx.progress else True):
+        result = store.build_index(layer, kind=kind, metric=metric, **dict(cfg.get(kind) or {}))
+        if result.get("built"):
+            built.setdefault(layer, []).append(f"{kind}/{metric}")
     return {"generation": store.generation, "n_images": n_rows, "merged_shards": shards["num_shards"] or 0,
             "merged_changes": bool(info.get("changed", False)),
             "indexes_built": sum(len(v) for v in built.values()), "layers": len(store.layers())}

@@ -7,7 +7,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.models.layers import layer_table
-from pipeline.runtime import Context
+from pipeline.runtime import Context, show
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -19,10 +19,10 @@ def run(ctx: Context) -> dict[str, Any]:
     table = pd.DataFrame(rows)
     out = ctx.run_dir / "layers.csv"
     table.to_csv(out, index=False)
-    print(table.to_string(index=False))
+    show(table.to_string(index=False))
     result: dict[str, Any] = {"layers": len(rows), "table": str(out)}
     if not model.takes_hooks:
         result["note"] = ("no output shapes: they are measured with forward hooks, which TorchScript modules do "
                           "not take; export the model with torch.export and use model=exported to see them")
-        print(f"note: {result['note']}")
+        show(f"note: {result['note']}")
     return result

@@ -11,7 +11,7 @@ from pipeline.data.images import load_image
 from pipeline.errors import PipelineError
 from pipeline.methods.base import NotApplicable
 from pipeline.methods.registry import METHODS, make_method
-from pipeline.runtime import Context, plain
+from pipeline.runtime import Context, plain, show
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -33,5 +33,5 @@ def run(ctx: Context) -> dict[str, Any]:
     out = ctx.run_dir / "methods.csv"
     table.to_csv(out, index=False)
     with pd.option_context("display.max_colwidth", 90, "display.width", 250):
-        print(table.to_string(index=False))
+        show(table.to_string(index=False))
     return {"methods": len(rows), "applicable": int((table["applies"] == "yes").sum()), "table": str(out)}

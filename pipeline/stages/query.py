@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineError
-from pipeline.runtime import Context
+from pipeline.runtime import Context, show
 from pipeline.selection import class_index
 from pipeline.views import save_topk_grid
 
@@ -73,7 +73,7 @@ def run(ctx: Context) -> dict[str, Any]:
     else:
         table_path = out / f"{stem}.parquet"
         table.to_parquet(table_path, index=False)
-    print(f"\n{what}:\n{table.to_string(index=False)}")
+    show(f"\n{what}:\n{table.to_string(index=False)}")
     result: dict[str, Any] = {"query": what, "rows": len(table), "table": str(table_path)}
     if cfg.grid and len(table):
         grid_path = out / f"{stem}.png"

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 from torchvision.transforms.functional import to_pil_image
+from tqdm.auto import tqdm
 
 from pipeline.cache import atomic_write_json, make_key
 from pipeline.errors import PipelineError, suggest
@@ -256,7 +257,7 @@ def run_sanity(ctx: Context, source: Path, scfg: DictConfig) -> tuple[list[Sanit
     max_final, max_class = float(scfg.max_final_spearman), float(scfg.max_class_spearman)
     max_input = float(scfg.max_input_spearman)
     results = []
-    for name in methods:
+    for name in tqdm(methods, desc="sanity", unit="method", disable=None if ctx.progress else True):
         method, why = sanity_method(ctx, name, x_all[:1])
         if method is None:
             results.append(SanityResult(name, "n/a", why))

@@ -273,7 +273,8 @@ def render_cached(ctx: Context, method: str, names: list[dict[str, Any]], object
     todo = [i for i, a in enumerate(arts) if a is None]
     if todo:
         log.info("visualize: rendering %d %s picture(s), %d steps", len(todo), method, params["steps"])
-        pictures = render(model.module, [objectives[i] for i in todo], model.input_shape, **params).cpu()
+        pictures = render(model.module, [objectives[i] for i in todo], model.input_shape, **params,
+                          progress=ctx.progress).cpu()
         values = objective_values(model.module, [objectives[i] for i in todo], pictures.to(ctx.device),
                                   mean=model.mean, std=model.std).cpu()
         extra = class_confidences(model, pictures, [names[i].get("class_index") for i in todo])
