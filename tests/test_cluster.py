@@ -48,12 +48,18 @@ def up_partition() -> str | None:
     for line in out.splitlines():
         name, avail, state = (line.split() + ["", "", ""])[:3]
         if avail == "up" and state in ("idle", "mixed", "allocated"):
-            return name.rstrip("*")
+            name = name.rstrip("*")
+            try:  # a cluster that is up but cannot run a job (munge, spool) is no cluster for these tests
+                probe = subprocess.run(["sbatch", "--wait", "-p", name, "-c", "1", "--mem=100M", "-o", "/dev/null",
+                                        "--wrap", "true"], capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.TimeoutExpired):
+                return None
+            return name if probe.returncode == 0 else None
     return None
 
 
 PARTITION = up_partition()
-needs_slurm = pytest.mark.skipif(PARTITION is None, reason="no running SLURM cluster here: `sudo "
+needs_slurm = pytest.mark.skipif(PARTITION is None, reason="no SLURM cluster here that runs a test job: `sudo "
                                  "scripts/local_slurm.sh` starts one (Debian: apt-get install slurm-wlm munge)")
 SLURM = ["hydra/launcher=slurm", f"hydra.launcher.partition={PARTITION}", "hydra.launcher.cpus_per_task=1",
          "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=20"]
