@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from pipeline.artifacts import OVERLAY_FILE, Artifact, artifact_key, read_artifact
 from pipeline.errors import PipelineError
-from pipeline.methods.deconvnet import _HOOKED, DeconvResult, deconvnet, deconvnet_explicit, max_pools_before
+from pipeline.methods.deconvnet import DeconvResult, NotAChain, deconvnet, deconvnet_explicit, max_pools_before
 from pipeline.methods.dependence import aligned_dependence, stride_grid_share, unit_centre
 from pipeline.methods.guided import guided_projection
 from pipeline.methods.receptive import receptive_field, unit_box
@@ -72,9 +72,7 @@ def resolve_deconv_mode(model: ModelBundle, layer: str, mode: str) -> tuple[str,
     ref = next(model.module.parameters())
     try:
         deconvnet_explicit(model.module, torch.zeros(1, *model.input_shape, device=ref.device), layer, 0)
-    except PipelineError as e:
-        if _HOOKED not in str(e):
-            raise
+    except NotAChain as e:
         if mode == "explicit":
             raise PipelineError(f"visualize.deconv.mode=explicit cannot handle {model.name} up to {layer!r}: "
                                 f"{str(e).split(';')[0]}. Set visualize.deconv.mode=hooked (the hooked "

@@ -55,6 +55,11 @@ class DeconvResult(NamedTuple):
 _HOOKED = "use pipeline.methods.deconvnet.deconvnet (the hooked version), which handles any network"
 
 
+class NotAChain(PipelineError):
+    """The explicit deconvnet cannot invert this network (not a plain Conv2d/ReLU/MaxPool2d chain):
+    the hooked :func:`deconvnet` handles it."""
+
+
 def _per_image(layer: str | Sequence[str], channel: int | Sequence[int],
                batch: int) -> tuple[list[str], list[int]]:
     layers = [layer] * batch if isinstance(layer, str) else list(layer)
@@ -228,15 +233,15 @@ def _record_chain(model: nn.Module, x: Tensor, wanted: list[str]
     prev = x
     for call in calls:
         if not isinstance(call.module, _INVERTIBLE):
-            raise PipelineError(f"deconvnet_explicit cannot invert {type(call.module).__name__} at "
+            raise NotAChain(f"deconvnet_explicit cannot invert {type(call.module).__name__} at "
                                 f"{call.name!r}: it handles only Conv2d, ReLU, MaxPool2d, Identity "
                                 f"and Dropout; {_HOOKED}")
         if call.inp is not prev:
-            raise PipelineError(f"the forward of {type(model).__name__} is not a plain chain of "
+            raise NotAChain(f"the forward of {type(model).__name__} is not a plain chain of "
                                 f"modules before {call.name!r} (a functional op, a reshape or a "
                                 f"residual connection sits in between); {_HOOKED}")
         if isinstance(call.module, nn.Conv2d) and call.module.padding_mode != "zeros":
-            raise PipelineError(f"deconvnet_explicit needs zero padding, but {call.name!r} uses "
+            raise NotAChain(f"deconvnet_explicit needs zero padding, but {call.name!r} uses "
                                 f"padding_mode={call.module.padding_mode!r}; {_HOOKED}")
         prev = call.out
     # Where each layer's signal enters the reversed chain: the last call producing its output (an
@@ -245,7 +250,7 @@ def _record_chain(model: nn.Module, x: Tensor, wanted: list[str]
     for name in wanted:
         ks = [k for k, call in enumerate(calls) if call.out is acts[name]]
         if not ks:
-            raise PipelineError(f"layer {name!r}'s output is not the output of one module in the "
+            raise NotAChain(f"layer {name!r}'s output is not the output of one module in the "
                                 f"chain of {type(model).__name__}; {_HOOKED}")
         entry.setdefault(ks[-1], []).append(name)
     return calls, acts, entry
@@ -257,7 +262,7 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     if conv.padding == "same":
         totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
         if any(t % 2 for t in totals):
-            raise PipelineError(f"deconvnet_explicit cannot invert 'same' padding that is "
+            raise NotAChain(f"deconvnet_explicit cannot invert 'same' padding that is "
                                 f"asymmetric (kernel {conv.kernel_size}); {_HOOKED}")
         return totals[0] // 2, totals[1] // 2
     return conv.padding  # type: ignore[return-value]
