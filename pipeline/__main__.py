@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
 from pipeline.app import is_multirun, run_job
+from pipeline.config_check import hydra_entry
 from pipeline.runtime import show
 
 
@@ -28,7 +28,7 @@ def print_summary(summary: dict) -> None:
     show("\n".join(lines))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra_entry
 def main(cfg: DictConfig) -> None:
     """Run the configured stages; exit 0, 1 (audit failed), 2 (user error) or 3 (internal error),
     with one line on stderr (:mod:`pipeline.app`). In a multirun a failed job records its status

@@ -18,17 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from pipeline.errors import PipelineError
-
-
-def config_dir() -> Path:
-    """The configs: ``conf/`` beside the package in a checkout, the package's own copy in a wheel."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "conf", here / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return candidate
-    raise PipelineError(f"the pipeline's configs are missing (no conf/config.yaml beside {here}): reinstall the "
-                        "package (pip install .) or run from a checkout.")
+from pipeline.config_check import CONF_DIR
 
 
 def hydra_value(value: Any) -> str:
@@ -52,7 +42,7 @@ def compose_run(overrides: Sequence[str] = ()) -> DictConfig:
     """The run's config as ``@hydra.main`` would give it, with its run folder created and Hydra's
     run-time config set (the stages read the run folder from it)."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
     run_dir = Path(str(OmegaConf.select(cfg, "hydra.run.dir")))
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -42,14 +42,17 @@ def test_every_config_in_every_group_composes_and_instantiates(make_cfg, tmp_pat
     torch.export.save(torch.export.export(DigitsCNN().eval(), (torch.zeros(2, 1, 64, 64),),
                                           dynamic_shapes=({0: torch.export.Dim("batch")},)), exported)
     extra = {"imagefolder": [f"data.path={folder}"], "manifest": [f"data.path={tmp_path / 'm.csv'}"],
-             "photos": ["data.names=[chelsea]"]}
+             "photos": ["data.names=[chelsea]"],
+             "custom": ["data._target_=tests.test_custom_sources.paths", f"+data.folder={folder}", "~data.n_train",
+                        "~data.n_test"]}
     for path in sorted((CONF / "data").glob("*.yaml")):
         cfg = make_cfg([f"data={path.stem}", *extra.get(path.stem, [])])
         data = load_dataset(cfg.data, Cache(cfg.paths.cache))
         assert len(data.records) > 0 and data.records["image_id"].str.len().eq(64).all()
     model_extra = {"torchscript": [f"model.path={scripted}", "model.channels=1", "model.image_size=64"],
                    "exported": [f"model.path={exported}"],
-                   "timm": ["model.image_size=64"], "torchvision": ["model.image_size=64"]}
+                   "timm": ["model.image_size=64"], "torchvision": ["model.image_size=64"],
+                   "custom": ["model._target_=tests.test_custom_sources.make_net", "model.image_size=64"]}
     for path in sorted((CONF / "model").glob("*.yaml")):
         cfg = make_cfg([f"model={path.stem}", *model_extra.get(path.stem, [])])
         bundle = build_model(cfg.model)

@@ -2,8 +2,8 @@
 
 Sources: the built-in digits_cnn and digits_cnn_fc (trained here for one epoch), efficientnet_lite0
 (its packaged weights), torchvision's resnet18 and timm's test_resnet (random init), a
-``torch.export`` program and a TorchScript file, both written by the test. (The custom
-``_target_`` source does not exist yet; it joins :data:`SOURCES` when it does.)
+``torch.export`` program and a TorchScript file, both written by the test, and the custom ``_target_``
+source instantiating :class:`SmallNet` from this file.
 
 Each (source, stage) cell either runs and leaves its outputs, or is refused before any work with
 one line naming the fix, leaving the cache as it was: stage=train on a model that is not built in,
@@ -87,11 +87,12 @@ def sources(pt2: Path, script: Path) -> dict[str, list[str]]:
         "exported": ["model=exported", f"model.path={pt2}"],
         "torchscript": ["model=torchscript", f"model.path={script}", "model.channels=1", "model.image_size=64",
                         *DIGITS_STATS],
+        "custom": ["model=custom", "model._target_=tests.test_model_matrix.SmallNet", "model.image_size=64"],
     }
 
 
 SOURCES = [
-    "digits_cnn", "exported", "torchscript",
+    "digits_cnn", "exported", "torchscript", "custom",
     pytest.param("digits_cnn_fc", marks=pytest.mark.slow),
     pytest.param("efficientnet_lite0", marks=pytest.mark.slow),
     pytest.param("torchvision", marks=pytest.mark.slow),

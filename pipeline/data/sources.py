@@ -1,7 +1,10 @@
-"""Data sources: built-in clutter digits, scikit-image photos, an image folder, a manifest file."""
+"""Data sources: built-in clutter digits, scikit-image photos, an image folder, a manifest file, and the
+user's own callable (``data._target_``) returning paths, records or a torch ``Dataset``."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -145,7 +148,11 @@ def _clutter(cfg: Any, cache: Cache) -> DatasetBundle:
 
 def _photos(cfg: Any, cache: Cache) -> DatasetBundle:
     """scikit-image's sample photos, written once as PNG files so they have byte-level ids."""
-    import skimage.data
+    try:
+        import skimage.data
+    except ImportError as exc:
+        raise PipelineError("data=photos needs the package scikit-image: pip install "
+                            "'cnn-explain-pipeline[photos]' (or pip install scikit-image).") from exc
 
     names = list(cfg.get("names") or PHOTO_NAMES)
     for n in names:
@@ -242,11 +249,122 @@ def _manifest(cfg: Any, cache: Cache) -> DatasetBundle:
                          class_names, quarantine)
 
 
+def _pil(image: Any) -> Image.Image | None:
+    """A PIL image from a PIL image, a (C, H, W) / (H, W) tensor (float in [0, 1] or uint8) or an
+    (H, W[, C]) array; None for anything else."""
+    import torch
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim == 3 and t.shape[0] in (1, 3, 4):
+            t = t.permute(1, 2, 0)
+        image = t.numpy()
+    if isinstance(image, np.ndarray) and image.ndim in (2, 3):
+        arr = image
+        if arr.dtype != np.uint8:
+            arr = np.clip(np.asarray(arr, dtype=np.float64) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[..., 0]
+        return Image.fromarray(arr)
+    return None
+
+
+def _dataset_rows(dataset: Any, target: str, cache: Cache) -> list[dict[str, Any]]:
+    """A Dataset of (image, label) written once as PNG files into the cache, keyed by their bytes."""
+    pngs: list[tuple[str, bytes]] = []
+    labels: list[int | None] = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        image = _pil(item[0]) if isinstance(item, (tuple, list)) and len(item) == 2 else None
+        if image is None:
+            got = (f"({', '.join(type(v).__name__ for v in item)})" if isinstance(item, (tuple, list))
+                   else type(item).__name__)
+            raise PipelineError(f"data._target_={target}: item {i} is {got}, not (image, label) with a PIL image or "
+                                "a (C, H, W) tensor. Make __getitem__ return (image, label).")
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data = buf.getvalue()
+        pngs.append((hashlib.sha256(data).hexdigest(), data))
+        label = item[1]
+        labels.append(None if label is None else int(label))
+    key = make_key(kind="data", name="custom", version=DATA_VERSION, ids=[h for h, _ in pngs])
+    folder = cache.get("data", key)
+    if folder is None:
+        with cache.write("data", key, {"name": f"custom:{target}", "images": len(pngs)}) as tmp:
+            for h, data in pngs:
+                (tmp / f"{h}.png").write_bytes(data)
+        folder = cache.path("data", key)
+    return [{"image_id": h, "path": str(folder / f"{h}.png"), "label": y, "split": "all"}
+            for (h, _), y in zip(pngs, labels)]
+
+
+def _custom(cfg: Any, cache: Cache) -> DatasetBundle:
+    """The user's callable (``data._target_``, instantiated by Hydra with the config's other keys):
+    a list of paths or of records {path, label, split, box, mask}, or a torch Dataset of (image, label)."""
+    from omegaconf import OmegaConf
+    from torch.utils.data import Dataset
+
+    from pipeline.models.custom import instantiate
+
+    target = cfg.get("_target_")
+    own = {"source", "_target_", "split", "root"}
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in own}
+    result = instantiate(target, kwargs, "data")
+    split = str(cfg.get("split") or "all")
+    class_names = [str(c) for c in getattr(result, "classes", None) or []] or None
+    quarantine = None
+    if isinstance(result, Dataset) or (hasattr(result, "__getitem__") and hasattr(result, "__len__")
+                                       and not isinstance(result, (list, tuple, str, dict))):
+        rows = _dataset_rows(result, str(target), cache)
+        for r in rows:
+            r["split"] = split
+    elif isinstance(result, (list, tuple)) and result:
+        items = [{"path": str(r)} if isinstance(r, (str, os.PathLike)) else r for r in result]
+        bad = next((i for i, r in enumerate(items) if not isinstance(r, dict) or "path" not in r), None)
+        if bad is not None:
+            raise PipelineError(f"data._target_={target}: item {bad} is a {type(result[bad]).__name__}, not a path "
+                                "or a dict with a 'path' key. Return paths, records {path, label, split, box} or a "
+                                "torch Dataset of (image, label).")
+        base = Path(cfg.get("root") or os.getcwd()).expanduser()
+        table = pd.DataFrame(items)
+        table["path"] = [os.path.abspath(base / str(p)) for p in table["path"]]
+        if "box" in table.columns:
+            boxes = [b if b is not None and not (isinstance(b, float) and np.isnan(b)) else (None,) * 4
+                     for b in table.pop("box")]
+            for c, values in zip(BOX_COLUMNS, zip(*boxes)):
+                table[c] = list(values)
+        if "mask" in table.columns:
+            table["mask"] = [None if m is None or pd.isna(m) else os.path.abspath(base / str(m)) for m in table["mask"]]
+        if "label" in table.columns and not pd.api.types.is_numeric_dtype(table["label"].dropna()):
+            class_names = sorted(table["label"].dropna().astype(str).unique())
+            table["label"] = table["label"].map({c: i for i, c in enumerate(class_names)})
+        if "split" not in table.columns:
+            table["split"] = split
+        good, quarantine = scan(table["path"], cache, f"custom:{target}")
+        table = table[table["path"].isin(good)].copy()
+        table["image_id"] = [good[p].image_id for p in table["path"]]
+        for c in RECORD_COLUMNS:
+            if c not in table.columns:
+                table[c] = None
+        rows = table[RECORD_COLUMNS].to_dict("records")
+    else:
+        raise PipelineError(f"data._target_={target} returned {type(result).__name__} "
+                            f"{'(empty)' if isinstance(result, (list, tuple)) else ''}: return a non-empty list of "
+                            "paths or records {path, label, split, box}, or a torch Dataset of (image, label).")
+    name = f"custom:{str(target).rsplit('.', 1)[-1]}"
+    if quarantine is None:
+        return DatasetBundle(name, _records(rows), class_names)
+    return DatasetBundle(name, _records(rows), class_names, quarantine)
+
+
 SOURCES: dict[str, Callable[[Any, Cache], DatasetBundle]] = {
     "clutter_digits": _clutter,
     "photos": _photos,
     "imagefolder": _imagefolder,
     "manifest": _manifest,
+    "custom": _custom,
 }
 
 

