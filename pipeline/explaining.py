@@ -162,12 +162,19 @@ class SplitExplainer:
             name, method.version, method.key_settings(), ctx.model.key, map_size, self.scoring), map_size)
             for name, method in methods.items()}
         self.problems: list[dict[str, str]] = []
+        self._indexes: dict[str, pd.DataFrame] = {}
+
+    def index(self, name: str) -> pd.DataFrame:
+        """The index of method ``name``'s store, read once until :meth:`run` writes to it."""
+        if name not in self._indexes:
+            self._indexes[name] = self.stores[name].index()
+        return self._indexes[name]
 
     def stored_predictions(self) -> dict[str, int]:
         """image_id -> the model's predicted class, from the rows any method's store holds."""
         out: dict[str, int] = {}
-        for store in self.stores.values():
-            index = store.index()
+        for name in self.stores:
+            index = self.index(name)
             out.update(zip(index["image_id"].astype(str), index["prediction"].astype(int)))
         return out
 
@@ -179,8 +186,8 @@ class SplitExplainer:
         separate prediction pass); every prediction is then in :attr:`predicted`."""
         keys = {name: [None if t is None else row_key(it.image_id, t, [object_digest(it), it.image_id in curves])
                        for it, t in zip(items, targets)] for name in self.methods}
-        known = {name: set(store.index()["row_key"]) for name, store in self.stores.items()}
-        todo = {name: [i for i, k in enumerate(keys[name]) if k is None or k not in known[name]]
+        known = {name: set(self.index(name)["row_key"]) for name in self.stores}
+        todo = {name: {i for i, k in enumerate(keys[name]) if k is None or k not in known[name]}
                 for name in self.methods}
         pending = sorted(set().union(*todo.values()))
         self.predicted = {it.image_id: int(p) for it, p in zip(items, predictions) if p is not None}
@@ -196,6 +203,7 @@ class SplitExplainer:
             finally:
                 for name in self.methods:
                     self._flush(name, buffers, force=True)
+                self._indexes.clear()
         resolved = [t if t is not None else self.predicted[it.image_id] for it, t in zip(items, targets)]
         frames = []
         for name, store in self.stores.items():
@@ -209,7 +217,7 @@ class SplitExplainer:
         return pd.concat(frames, ignore_index=True)
 
     def _chunk(self, chunk: list[int], items: Sequence[Item], targets: Sequence[int | None],
-               keys: dict[str, list[str | None]], curves: set[str], todo: dict[str, list[int]],
+               keys: dict[str, list[str | None]], curves: set[str], todo: dict[str, set[int]],
                buffers: dict[str, list[pd.DataFrame]]) -> None:
         """Maps, scores and store rows of the images ``chunk`` for the methods that need them;
         when their targets are unknown (all None), the predicted classes, from the same pass."""
@@ -230,7 +238,7 @@ class SplitExplainer:
                                             [object_digest(items[i]), items[i].image_id in curves])
         else:
             tgt = torch.tensor([targets[i] for i in chunk])
-            wanted = {name: [j for j, i in enumerate(chunk) if i in set(todo[name])] for name in self.methods}
+            wanted = {name: [j for j, i in enumerate(chunk) if i in todo[name]] for name in self.methods}
             shared = self._shared_pass({n: w for n, w in wanted.items() if w}, x, tgt)
         packed: dict[tuple[int, ...], list[bytes]] = {}  # object bits, shared by methods with the same images
         for name in self.methods:

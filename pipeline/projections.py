@@ -120,14 +120,16 @@ def projection_function(method: str, mode: str) -> Callable[..., DeconvResult]:
 
 
 def compute(ctx: Context, layer: str, hw: tuple[int, int], jobs: list[Job], fn: Callable[..., DeconvResult],
-            field: tuple[int, int], params: dict[str, Any]) -> None:
-    """Run one projection method on the jobs' images in batches and write one artifact per job."""
+            field: tuple[int, int], params: dict[str, Any]) -> dict[str, Artifact]:
+    """Run one projection method on the jobs' images in batches and write one artifact per job;
+    returns them by key."""
     model = ctx.model
     cfg = ctx.cfg.visualize
     mean = torch.as_tensor(model.mean, dtype=torch.float32).view(-1, 1, 1)
     std = torch.as_tensor(model.std, dtype=torch.float32).view(-1, 1, 1)
     _, h, w = model.input_shape
     bs = max(1, int(cfg.batch_size))
+    written: dict[str, Artifact] = {}
     for s in tqdm(range(0, len(jobs), bs), desc=KIND[jobs[0].method] if jobs else "projections", unit="batch",
                   disable=None if ctx.progress else True):
         batch = jobs[s:s + bs]
@@ -142,7 +144,8 @@ def compute(ctx: Context, layer: str, hw: tuple[int, int], jobs: list[Job], fn: 
             meta = {"layer": layer, "channel": job.channel, "image_id": job.image_id, "path": job.path,
                     "position": [y, xx], "value": float(res.value[i]), "box": list(box),
                     "field": list(field), "params": params}
-            write_picture(ctx.cache, KIND[job.method], job.key, proj.numpy(), shown, meta, patch)
+            written[job.key] = write_picture(ctx.cache, KIND[job.method], job.key, proj.numpy(), shown, meta, patch)
+    return written
 
 
 def channel_projections(ctx: Context, layer: str, hw: tuple[int, int], tops: dict[int, pd.DataFrame],
@@ -163,11 +166,14 @@ def channel_projections(ctx: Context, layer: str, hw: tuple[int, int], tops: dic
             for m in methods}
     field: tuple[int, int] | None = None
     fresh: set[str] = set()
+    arts: dict[str, Artifact] = {}
     for m in methods:
-        missing = [j for js in jobs[m].values() for j in js if read_artifact(ctx.cache, KIND[m], j.key) is None]
+        found = {j.key: read_artifact(ctx.cache, KIND[m], j.key) for js in jobs[m].values() for j in js}
+        arts.update({k: a for k, a in found.items() if a is not None})
+        missing = [j for js in jobs[m].values() for j in js if found[j.key] is None]
         if missing:
             field = field or receptive_field(model.module, layer, model.input_shape)
-            compute(ctx, layer, hw, missing, projection_function(m, mode), field, params[m])
+            arts.update(compute(ctx, layer, hw, missing, projection_function(m, mode), field, params[m]))
             fresh |= {j.key for j in missing}
     rows: list[dict[str, Any]] = []
     summary: dict[str, dict[str, Any]] = {}
@@ -178,17 +184,17 @@ def channel_projections(ctx: Context, layer: str, hw: tuple[int, int], tops: dic
         for c, js in jobs[m].items():
             if not js:
                 continue
-            arts = [stored(ctx, KIND[m], j.key) for j in js]
-            field = field or (int(arts[0].meta["field"][0]), int(arts[0].meta["field"][1]))
-            maps = [torch.from_numpy(a.map) for a in arts]
-            centres = [unit_centre(a.meta["position"], hw, model.input_shape[1:]) for a in arts]
+            shown = [arts[j.key] for j in js]
+            field = field or (int(shown[0].meta["field"][0]), int(shown[0].meta["field"][1]))
+            maps = [torch.from_numpy(a.map) for a in shown]
+            centres = [unit_centre(a.meta["position"], hw, model.input_shape[1:]) for a in shown]
             scores[c] = aligned_dependence(maps, centres, field, int(cfg.input_dependence.min_pixels))
             side = math.ceil(math.sqrt(len(js)))
-            pair = side_by_side(grid([load_png(a.folder / OVERLAY_FILE) for a in arts], side),
-                                grid([load_png(a.folder / PATCH_FILE) for a in arts], side))
+            pair = side_by_side(grid([load_png(a.folder / OVERLAY_FILE) for a in shown], side),
+                                grid([load_png(a.folder / PATCH_FILE) for a in shown], side))
             path = out_dir / f"{KIND[m]}__{safe_name(layer)}__c{c}.png"
             save_png(pair, path)
-            for j, a, raw in zip(js, arts, maps):
+            for j, a, raw in zip(js, shown, maps):
                 share = stride_grid_share(raw, stride)
                 shares.append(share)
                 rows.append({"kind": KIND[m], "layer": layer, "channel": c, "image_id": j.image_id, "rank": j.rank,
@@ -199,14 +205,6 @@ def channel_projections(ctx: Context, layer: str, hw: tuple[int, int], tops: dic
         summary[m] = summarize(m, scores, shares, stride, model.name, layer, pools,
                                float(cfg.input_dependence.max_spearman), float(cfg.grid_limit))
     return rows, list(field) if field else None, summary
-
-
-def stored(ctx: Context, kind: str, key: str) -> Artifact:
-    """An artifact this stage has just made sure is in the cache."""
-    art = read_artifact(ctx.cache, kind, key)
-    if art is None:
-        raise PipelineError(f"the cached {kind} projection {key} vanished while visualize ran; run it again.")
-    return art
 
 
 def summarize(method: str, scores: dict[int, float], shares: list[float], stride: tuple[int, int], model: str,

@@ -154,13 +154,14 @@ def sweep_page(sweep_dir: Path, df: pd.DataFrame) -> str:
     return page(f"Sweep {sweep_dir.name}", str(sweep_dir), sections)
 
 
-def write_sweep_summary(sweep_dir: Path, csv_name: str = CSV_NAME, html_name: str = HTML_NAME) -> tuple[Path, Path, int]:
-    """Write the sweep's CSV and page; returns their paths and the number of jobs."""
+def write_sweep_summary(sweep_dir: Path, csv_name: str = CSV_NAME, html_name: str = HTML_NAME
+                        ) -> tuple[Path, Path, pd.DataFrame]:
+    """Write the sweep's CSV and page; returns their paths and the table (one row per job)."""
     df = summarize_sweep(sweep_dir)
     csv_path, html_path = sweep_dir / csv_name, sweep_dir / html_name
     atomic_write_bytes(csv_path, df.to_csv(index=False).encode("utf-8"))
     atomic_write_bytes(html_path, sweep_page(sweep_dir, df).encode("utf-8"))
-    return csv_path, html_path, len(df)
+    return csv_path, html_path, df
 
 
 class SweepSummary(Callback):
@@ -175,9 +176,9 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             print(f"sweep summary: no sweep folder at {sweep_dir}; nothing to summarise")
             return
-        csv_path, html_path, n = write_sweep_summary(sweep_dir, self.csv, self.html)
+        csv_path, html_path, df = write_sweep_summary(sweep_dir, self.csv, self.html)
+        n = len(df)
         print(f"\nsweep summary ({n} jobs): {csv_path}\n  page: {html_path}")
-        df = pd.read_csv(csv_path)
         failed = df[df["status"] != "ok"]
         for r in failed.itertuples(index=False):
             print(f"  job {r.job}: {r.message if isinstance(r.message, str) and r.message else r.status}",

@@ -58,11 +58,21 @@ def up_partition() -> str | None:
     return None
 
 
-PARTITION = up_partition()
-needs_slurm = pytest.mark.skipif(PARTITION is None, reason="no SLURM cluster here that runs a test job: `sudo "
-                                 "scripts/local_slurm.sh` starts one (Debian: apt-get install slurm-wlm munge)")
-SLURM = ["hydra/launcher=slurm", f"hydra.launcher.partition={PARTITION}", "hydra.launcher.cpus_per_task=1",
-         "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=20"]
+@pytest.fixture(scope="module")
+def partition() -> str:
+    """The partition of a SLURM cluster that runs a test job (probed once, only for the tests that
+    need one); the test is skipped, with the reason, where there is none."""
+    name = up_partition()
+    if name is None:
+        pytest.skip("no SLURM cluster here that runs a test job: `sudo scripts/local_slurm.sh` starts one "
+                    "(Debian: apt-get install slurm-wlm munge)")
+    return name
+
+
+def slurm(partition: str) -> list[str]:
+    """The launcher overrides of a small SLURM sweep on ``partition``."""
+    return ["hydra/launcher=slurm", f"hydra.launcher.partition={partition}", "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=20"]
 
 
 def generation(outputs: Path) -> int:
@@ -112,10 +122,9 @@ def test_index_names_the_unfinished_shards_and_waits_for_them(tmp_path: Path) ->
 
 
 @pytest.mark.slow
-@needs_slurm
-def test_slurm_array_extraction_then_index_equals_a_single_run(tmp_path: Path) -> None:
+def test_slurm_array_extraction_then_index_equals_a_single_run(tmp_path: Path, partition: str) -> None:
     ok(cli(tmp_path, "stage=train"))
-    sweep = ok(cli(tmp_path, *SLURM, "stage=extract", "shard=0,1", "num_shards=2", multirun=True))
+    sweep = ok(cli(tmp_path, *slurm(partition), "stage=extract", "shard=0,1", "num_shards=2", multirun=True))
     assert "sacct" not in sweep.stderr + sweep.stdout and "Slurm accounting" not in sweep.stderr
     logs = sorted((tmp_path / "multirun").glob("*/*/slurm/*_*/*_log.out"))
     assert len(logs) == 2 and all("extract" in p.read_text() for p in logs)   # one log per shard
@@ -124,12 +133,11 @@ def test_slurm_array_extraction_then_index_equals_a_single_run(tmp_path: Path) -
 
 
 @pytest.mark.slow
-@needs_slurm
-def test_slurm_sharded_whole_split_explain_is_found_by_the_audit(tmp_path: Path) -> None:
+def test_slurm_sharded_whole_split_explain_is_found_by_the_audit(tmp_path: Path, partition: str) -> None:
     explain = ["explain.select.all=true", "explain.select.split=test", "explain.methods=[saliency,gradcam]",
                "explain.causal.enabled=false"]
     ok(cli(tmp_path, "stage=[train,extract]"))
-    ok(cli(tmp_path, *SLURM, "stage=explain", *explain, "shard=0,1", "num_shards=2", multirun=True))
+    ok(cli(tmp_path, *slurm(partition), "stage=explain", *explain, "shard=0,1", "num_shards=2", multirun=True))
     ok(cli(tmp_path, "stage=audit", *explain, "audit.reliance.methods=[saliency,gradcam]",
            "audit.reliance.split=test", "explain.causal.enabled=false"))
     audit = json.loads(next((tmp_path / "runs").glob("*/*/audit/audit.json")).read_text())
@@ -138,15 +146,14 @@ def test_slurm_sharded_whole_split_explain_is_found_by_the_audit(tmp_path: Path)
 
 
 @pytest.mark.slow
-@needs_slurm
-def test_a_job_killed_by_the_scheduler_resumes_when_submitted_again(tmp_path: Path) -> None:
+def test_a_job_killed_by_the_scheduler_resumes_when_submitted_again(tmp_path: Path, partition: str) -> None:
     ok(cli(tmp_path, "stage=train"))
     args = [sys.executable, "-m", "pipeline", "stage=extract", "shard=1", "num_shards=2", "extract.part_size=8",
             f"paths.outputs={tmp_path}", *TINY]
     script = " ".join(args)
 
     def submit(env: dict) -> str:
-        out = subprocess.run(["sbatch", "--parsable", "-p", str(PARTITION), "-c", "1", "--mem=2G",
+        out = subprocess.run(["sbatch", "--parsable", "-p", partition, "-c", "1", "--mem=2G",
                               "-o", str(tmp_path / "job-%j.out"), "--wrap", script],
                              capture_output=True, text=True, env=env, cwd=ROOT, check=True)
         return out.stdout.strip().split(";")[0]
@@ -176,14 +183,13 @@ def test_a_job_killed_by_the_scheduler_resumes_when_submitted_again(tmp_path: Pa
 
 
 @pytest.mark.slow
-@needs_slurm
-def test_a_bad_partition_or_job_size_is_one_line_before_anything_is_submitted(tmp_path: Path) -> None:
+def test_a_bad_partition_or_job_size_is_one_line_before_anything_is_submitted(tmp_path: Path, partition: str) -> None:
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
-    bad = cli(tmp_path, *SLURM, "hydra.launcher.partition=nope", "stage=extract", "shard=0,1", "num_shards=2",
+    bad = cli(tmp_path, *slurm(partition), "hydra.launcher.partition=nope", "stage=extract", "shard=0,1", "num_shards=2",
               multirun=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
-        f"error: hydra.launcher.partition=nope does not exist on this cluster; partitions: {PARTITION}.")
-    big = cli(tmp_path, *SLURM, "hydra.launcher.cpus_per_task=4096", "stage=extract", "shard=0,1", "num_shards=2",
+        f"error: hydra.launcher.partition=nope does not exist on this cluster; partitions: {partition}.")
+    big = cli(tmp_path, *slurm(partition), "hydra.launcher.cpus_per_task=4096", "stage=extract", "shard=0,1", "num_shards=2",
               multirun=True)
     assert big.returncode == 2 and "no node of partition" in big.stderr and "cpus_per_task" in big.stderr
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before

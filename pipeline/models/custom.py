@@ -19,7 +19,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from pipeline.errors import PipelineError, suggest
-from pipeline.models.bundle import (ModelBundle, image_transform, input_stats, load_checkpoint, load_state,
+from pipeline.models.common import (ModelBundle, image_transform, input_stats, load_checkpoint, load_state,
                                     read_class_names, weights_key)
 
 #: keys of ``model=custom`` this source reads; every other key is a keyword argument of the callable

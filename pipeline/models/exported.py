@@ -32,7 +32,7 @@ from torch.export import ExportedProgram
 from torch.export.unflatten import InterpreterModule
 
 from pipeline.errors import PipelineError
-from pipeline.models.bundle import ModelBundle, image_transform, input_stats, read_class_names, tensors_key
+from pipeline.models.common import ModelBundle, image_transform, input_stats, read_class_names, tensors_key
 
 aten = torch.ops.aten
 
