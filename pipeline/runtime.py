@@ -6,7 +6,6 @@ cached by content), so any stage can run on its own.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from functools import cached_property
@@ -18,19 +17,17 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipeline.cache import Cache, atomic_write_json, make_key, read_manifest
+from pipeline.cache import Cache, atomic_write_json
 from pipeline.data import DatasetBundle, load_dataset
 from pipeline.data.sources import clutter_key
 from pipeline.data.images import load_image
 from pipeline.errors import PipelineError
 from pipeline.store import ActivationStore
 from pipeline.models import ModelBundle, build_model
-from pipeline.models.digits import DigitsCNN, DigitsCNNFC, fold_batchnorm
+from pipeline.models import training
 from pipeline.models.layers import guess_default_layers, resolve_layers
-from pipeline.models.training import TrainParams, train_classifier
 
 log = logging.getLogger(__name__)
-TRAIN_VERSION = 2  # 2: the digits trunk's last conv is 1x1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -110,9 +107,9 @@ class Context:
         """The configured model on the run's device; built-in models are trained if not cached."""
         mcfg = self.cfg.model
         if mcfg.source == "builtin":
-            state, metrics = self.trained_builtin()
-            bundle = build_model(mcfg, state)
-            bundle.meta["training"] = metrics
+            trained = self.trained_builtin
+            bundle = build_model(mcfg, trained.state)
+            bundle.meta["training"] = trained.metrics
         else:
             bundle = build_model(mcfg)
         self.summary["model"] = {"name": bundle.name, "key": bundle.key, "classes": bundle.num_classes}
@@ -139,50 +136,32 @@ class Context:
     def _training_data_cfg(self) -> DictConfig:
         return OmegaConf.merge({"source": "clutter_digits"}, self.cfg.train.get("data") or {})
 
-    def _training(self) -> tuple[TrainParams, str]:
-        """The built-in model's training parameters and its cache key."""
+    def recipe(self) -> training.Recipe:
+        """The configured built-in model's recipe (a model's own ``train`` settings win)."""
         mcfg = self.cfg.model
-        tcfg = OmegaConf.merge(self.cfg.train, mcfg.get("train") or {})  # a model's own recipe wins
-        params = TrainParams(**{k: tcfg[k] for k in TrainParams.__dataclass_fields__ if k in tcfg})
-        key = make_key(kind="train", version=TRAIN_VERSION, arch=mcfg.arch, width=int(mcfg.get("width", 32)),
-                       params=params.__dict__, data=self.training_data_key())
-        return params, key
+        tcfg = OmegaConf.merge(self.cfg.train, mcfg.get("train") or {})
+        return training.recipe(str(mcfg.arch), int(mcfg.get("width", 32)), tcfg, self.training_data_key())
 
     def builtin_is_trained(self) -> bool:
         """Whether the configured built-in model is in the cache already (nothing is trained to tell)."""
-        return read_manifest(self.cache.path("models", self._training()[1])) is not None
+        return training.is_cached(self.cache, self.recipe())
 
-    def trained_builtin(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Train (or fetch from the cache) the configured built-in model; returns weights and metrics."""
-        mcfg = self.cfg.model
-        params, key = self._training()
-        folder = self.cache.get("models", key)
-        if folder is None:
-            data = self.training_data()
+    @cached_property
+    def trained_builtin(self) -> training.Trained:
+        """The configured built-in model's weights and metrics: from the cache, or trained now (once a run)."""
+        def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            ds = self.training_data()
             log.info("training %s on %s (%d images): every stage needs the model, and none is cached for "
-                     "these settings yet; it is kept for later runs", mcfg.arch, data.name, len(data.records))
-            net_cls = {"digits_cnn": DigitsCNN, "digits_cnn_fc": DigitsCNNFC}[mcfg.arch]
-            torch.manual_seed(params.seed)
-            net = net_cls(width=int(mcfg.get("width", 32)), batchnorm=True)
-            transform = build_model(mcfg).transform
-            recs = data.records
-            x = images_to_tensor(recs["path"].tolist(), transform)
+                     "these settings yet; it is kept for later runs", self.cfg.model.arch, ds.name, len(ds.records))
+            recs = ds.records
+            x = images_to_tensor(recs["path"].tolist(), build_model(self.cfg.model).transform)
             y = torch.as_tensor(recs["label"].to_numpy(dtype=np.int64))
-            train = torch.tensor((recs["split"] == "train").to_numpy(dtype=bool))
-            if not bool(train.any()) or bool(train.all()):
-                raise PipelineError("training needs both 'train' and 'test' images in the clutter_digits data.")
-            metrics = train_classifier(net, x[train], y[train], x[~train], y[~train], params, self.progress)
-            state = fold_batchnorm(net.state_dict())
-            with self.cache.write("models", key, {"arch": mcfg.arch, "metrics": metrics,
-                                                 "params": params.__dict__, "data": data.key}) as tmp:
-                torch.save(state, tmp / "model.pt")
-                atomic_write_json(tmp / "metrics.json", metrics)
-            folder = self.cache.path("models", key)
-            self.summary.setdefault("trained", []).append(mcfg.arch)
-        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-        metrics = json.loads((folder / "metrics.json").read_text())
-        metrics["checkpoint"] = str(folder / "model.pt")
-        return state, metrics
+            return x, y, torch.tensor((recs["split"] == "train").to_numpy(dtype=bool))
+
+        result = training.fetch_or_train(self.cache, self.recipe(), data, self.progress)
+        if result.trained_now:
+            self.summary.setdefault("trained", []).append(str(self.cfg.model.arch))
+        return result
 
     def layers(self, spec: Any = None) -> list[str]:
         """Layer names from names/globs, or the model's defaults (each block's output and the last conv)."""

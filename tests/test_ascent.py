@@ -10,6 +10,7 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.methods import ascent as A
+from pipeline.methods.hooks import truncated_forward
 from pipeline.models.digits import DigitsCNN
 
 
@@ -77,11 +78,11 @@ def test_truncated_forward_never_calls_later_modules() -> None:
     net = nn.Sequential(OrderedDict([("conv", nn.Conv2d(1, 2, 3)), ("relu", nn.ReLU()),
                                      ("boom", _Boom())])).eval()
     x = torch.randn(2, 1, 8, 8)
-    acts = A.truncated_forward(net, x, ["relu", "conv"])
+    acts = truncated_forward(net, x, ["relu", "conv"])
     assert set(acts) == {"conv", "relu"}
     torch.testing.assert_close(acts["relu"], torch.relu(net.conv(x)))
     with pytest.raises(AssertionError, match="after the target"):
-        A.truncated_forward(net, x, [A.LOGITS])
+        truncated_forward(net, x, [A.LOGITS])
 
 
 def test_truncated_forward_digits(digits: DigitsCNN) -> None:
@@ -90,12 +91,12 @@ def test_truncated_forward_digits(digits: DigitsCNN) -> None:
                for n, m in digits.named_modules() if n in ("features.relu2", "features.pool2", "fc")]
     x = torch.randn(1, 1, 64, 64)
     try:
-        acts = A.truncated_forward(digits, x, ["features.relu2"])
+        acts = truncated_forward(digits, x, ["features.relu2"])
     finally:
         for h in handles:
             h.remove()
     assert called == ["features.relu2"] and acts["features.relu2"].shape == (1, 32, 32, 32)
-    logits = A.truncated_forward(digits, x, [A.LOGITS])[A.LOGITS]
+    logits = truncated_forward(digits, x, [A.LOGITS])[A.LOGITS]
     torch.testing.assert_close(logits, digits(x))
     assert all(not m._forward_hooks for m in digits.modules())
 
@@ -103,12 +104,12 @@ def test_truncated_forward_digits(digits: DigitsCNN) -> None:
 def test_truncated_forward_errors(digits: DigitsCNN) -> None:
     x = torch.randn(1, 1, 64, 64)
     with pytest.raises(PipelineError, match="Did you mean: features.conv3"):
-        A.truncated_forward(digits, x, ["features.conv_3"])
+        truncated_forward(digits, x, ["features.conv_3"])
     unused = nn.Sequential(OrderedDict([("a", nn.Identity())]))
     unused.add_module("spare", nn.ReLU())
     unused.forward = lambda t: unused.a(t)  # type: ignore[method-assign]
     with pytest.raises(PipelineError, match="never called"):
-        A.truncated_forward(unused, x, ["spare"])
+        truncated_forward(unused, x, ["spare"])
 
 
 def test_decorrelate_color() -> None:

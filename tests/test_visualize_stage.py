@@ -13,14 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.ascent_pictures import pre_activation
 from pipeline.errors import PipelineError
-from pipeline.methods.ascent import truncated_forward
+from pipeline.methods.hooks import truncated_forward
 from pipeline.models.bundle import imagenet_classes
 from pipeline.runtime import Context, images_to_tensor
 from pipeline.stages import run_stages
 from pipeline.models.digits import DigitsCNN
 from pipeline.models.efficientnet_lite import EfficientNetLite
-from pipeline.stages.visualize import parse_channels, pre_activation, resolve_classes
+from pipeline.stages.visualize import parse_channels, resolve_classes
 from tests.conftest import compose_config
 
 FAST = ["stage=visualize", "visualize.ascent.steps=4", "visualize.top=4", "visualize.n_most_active=2"]

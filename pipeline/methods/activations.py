@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.methods.hooks import recording
+
 
 def channel_stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
     """Spatial max, spatial mean and flat argmax (y*W+x) per channel of a (B,C,H,W) or (B,C) tensor.
@@ -36,21 +38,14 @@ def channel_stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 def record_stats(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, tuple]]:
     """While active, each forward pass stores ``channel_stats`` of every named layer's output.
 
-    The dict maps layer -> (max, mean, argmax, hw) of the latest call; hooks are always removed.
+    The dict maps layer -> (max, mean, argmax, hw) of the latest forward; the outputs themselves
+    are not kept. A module that runs twice in one forward is read at its first call
+    (``hooks.REUSED_MODULE_RULE``), as everywhere else; hooks are always removed.
     """
-    modules = dict(model.named_modules())
     out: dict[str, tuple] = {}
-    handles = []
 
-    def hook_for(name: str):
-        def hook(_m: nn.Module, _i: tuple, output: torch.Tensor) -> None:
-            out[name] = channel_stats(output)
-        return hook
+    def reduce(name: str, output: torch.Tensor) -> None:
+        out[name] = channel_stats(output)
 
-    try:
-        for name in layers:
-            handles.append(modules[name].register_forward_hook(hook_for(name)))
+    with recording(model, layers, retain=False, on_output=reduce):
         yield out
-    finally:
-        for h in handles:
-            h.remove()

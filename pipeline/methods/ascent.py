@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pipeline.errors import PipelineError, suggest
+from pipeline.errors import PipelineError
+from pipeline.methods.hooks import get_layer, truncated_forward
 
 LOGITS = ""
 """Layer name of the model's own output (the root module in ``named_modules()``): the logits."""
@@ -176,69 +177,6 @@ def neuron(layer: str, c: int, y: int | None = None, x: int | None = None) -> Ob
         return a[:, c, yy, xx]
     where = "centre" if y is None and x is None else f"{y}, {x}"
     return Objective(fn, [layer], f"neuron({layer}, {c}, {where})")
-
-
-# --------------------------------------------------------------------------------------------
-# Truncated forward
-
-
-class _StopForward(Exception):
-    """Raised from a forward hook once every wanted layer is captured."""
-
-
-def _resolve_layers(model: nn.Module, layers: Iterable[str]) -> dict[str, nn.Module]:
-    modules = dict(model.named_modules())
-    wanted = list(dict.fromkeys(layers))
-    if not wanted:
-        raise PipelineError("no layers to capture: give at least one layer name")
-    out = {}
-    for name in wanted:
-        if name not in modules:
-            raise PipelineError(f"unknown layer {name!r} for {type(model).__name__}."
-                                f"{suggest(name, [n for n in modules if n])} (layer names are the "
-                                f"dotted names of model.named_modules(); '' is the model output)")
-        out[name] = modules[name]
-    return out
-
-
-def truncated_forward(model: nn.Module, x: Tensor, layers: Iterable[str]) -> dict[str, Tensor]:
-    """Run ``model(x)`` only until every layer in ``layers`` has produced its output.
-
-    A forward hook on each wanted module stores its output; when the last one arrives the hook
-    raises, so no module after the deepest wanted layer runs (works for any module graph). A module
-    called several times in one forward (e.g. torchvision's shared ReLU in ``BasicBlock``) is
-    captured at its first call. ``LOGITS`` (``""``) captures the model's output. The returned
-    tensors keep their autograd graph.
-    """
-    modules = _resolve_layers(model, layers)
-    captured: dict[str, Tensor] = {}
-
-    def make_hook(name: str) -> Callable[[nn.Module, tuple, object], None]:
-        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-            if name in captured:
-                return
-            if not isinstance(output, Tensor):
-                raise PipelineError(f"layer {name!r} ({type(module).__name__}) returns "
-                                    f"{type(output).__name__}, not a tensor; pick a layer whose "
-                                    f"output is a single tensor")
-            captured[name] = output
-            if len(captured) == len(modules):
-                raise _StopForward
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
-    try:
-        model(x)
-    except _StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in modules if n not in captured]
-    if missing:
-        raise PipelineError(f"layer(s) {missing} were never called in the forward pass of "
-                            f"{type(model).__name__}; pick layers the forward actually uses")
-    return captured
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,7 +419,8 @@ def render(model: nn.Module, objectives: Sequence[Objective], image_shape: Seque
     tfs = standard_transforms(min(h, w)) if transforms is None else list(transforms)
     norm = _normalizer(mean, std, c, ref)
     layers = set().union(*(o.layers for o in objectives))
-    _resolve_layers(model, layers)  # fail on a bad layer name before any work
+    for name in layers:  # fail on a bad layer name before any work
+        get_layer(model, name)
     opt = torch.optim.Adam(params, lr=lr)
 
     with torch.enable_grad():

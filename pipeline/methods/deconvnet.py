@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.errors import PipelineError
-from pipeline.methods.ascent import _require_eval, _resolve_layers, truncated_forward
+from pipeline.methods.ascent import _require_eval
+from pipeline.methods.hooks import Call, get_layer, replacing_outputs, truncated_forward, watching
 
 
 class DeconvResult(NamedTuple):
@@ -129,20 +130,17 @@ def relu_backward_override(model: nn.Module, function: type[torch.autograd.Funct
     backward. In-place ReLUs are made out-of-place (an in-place ReLU would overwrite the input the
     override reads); every hook and flag is restored on exit. Functional ``F.relu`` calls are not
     reached, since only modules can be hooked."""
-    def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+    def swap(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
         return function.apply(inputs[0], 6.0 if isinstance(module, nn.ReLU6) else None)
 
     relus = relu_modules(model)
     inplace = [m.inplace for m in relus]
-    handles = []
     try:
         for m in relus:
             m.inplace = False
-            handles.append(m.register_forward_hook(hook))
-        yield
+        with replacing_outputs(relus, swap):
+            yield
     finally:
-        for h in handles:
-            h.remove()
         for m, flag in zip(relus, inplace):
             m.inplace = flag
 
@@ -158,7 +156,8 @@ def unit_projection(model: nn.Module, x: Tensor, layer: str | Sequence[str], cha
     _check_input(x)
     layers, channels = _per_image(layer, channel, x.shape[0])
     wanted = list(dict.fromkeys(layers))
-    _resolve_layers(model, wanted)
+    for name in wanted:
+        get_layer(model, name)
     with relu_backward_override(model, relu_rule), torch.enable_grad():
         xg = x.detach().clone().requires_grad_(True)
         acts = truncated_forward(model, xg, wanted)
@@ -188,16 +187,9 @@ MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.
 def max_pools_before(model: nn.Module, x0: Tensor, layer: str) -> list[str]:
     """Names of the max-pool modules the forward pass on ``x0`` runs before ``layer``'s output: the
     switches through which a deconvnet's backward pass can depend on the image."""
-    called: list[str] = []
-    handles = [m.register_forward_hook(lambda _m, _i, _o, name=name: called.append(name))
-               for name, m in model.named_modules() if isinstance(m, MAX_POOLS)]
-    try:
-        with torch.no_grad():
-            truncated_forward(model, x0, [layer])
-    finally:
-        for h in handles:
-            h.remove()
-    return list(dict.fromkeys(called))
+    with watching(model, lambda _n, m: isinstance(m, MAX_POOLS)) as calls, torch.no_grad():
+        truncated_forward(model, x0, [layer])
+    return list(dict.fromkeys(c.name for c in calls))
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,49 +198,32 @@ def max_pools_before(model: nn.Module, x0: Tensor, layer: str) -> list[str]:
 _INVERTIBLE = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Identity, nn.Dropout, nn.Dropout2d)
 
 
-class _Call(NamedTuple):
-    name: str
-    module: nn.Module
-    inp: Tensor
-    out: Tensor
-
-
 def _record_chain(model: nn.Module, x: Tensor, wanted: list[str]
-                  ) -> tuple[list[_Call], dict[str, Tensor], dict[int, list[str]]]:
+                  ) -> tuple[list[Call], dict[str, Tensor], dict[int, list[str]]]:
     """Run the forward up to the deepest wanted layer, recording each leaf module's call in order,
     and check that the calls form a chain from ``x`` of modules the explicit version can invert.
     Returns the calls, the layers' outputs, and for each call index the layers whose output it is."""
-    calls: list[_Call] = []
-    handles = []
-    for name, m in model.named_modules():
-        if next(m.children(), None) is None:
-            def hook(mod: nn.Module, inp: tuple, out: object, name: str = name) -> None:
-                calls.append(_Call(name, mod, inp[0] if inp else None, out))
-            handles.append(m.register_forward_hook(hook))
-    try:
+    with watching(model, lambda _n, m: next(m.children(), None) is None) as calls:
         acts = truncated_forward(model, x, wanted)
-    finally:
-        for h in handles:
-            h.remove()
     prev = x
     for call in calls:
         if not isinstance(call.module, _INVERTIBLE):
             raise NotAChain(f"deconvnet_explicit cannot invert {type(call.module).__name__} at "
                                 f"{call.name!r}: it handles only Conv2d, ReLU, MaxPool2d, Identity "
                                 f"and Dropout; {_HOOKED}")
-        if call.inp is not prev:
+        if call.input is not prev:
             raise NotAChain(f"the forward of {type(model).__name__} is not a plain chain of "
                                 f"modules before {call.name!r} (a functional op, a reshape or a "
                                 f"residual connection sits in between); {_HOOKED}")
         if isinstance(call.module, nn.Conv2d) and call.module.padding_mode != "zeros":
             raise NotAChain(f"deconvnet_explicit needs zero padding, but {call.name!r} uses "
                                 f"padding_mode={call.module.padding_mode!r}; {_HOOKED}")
-        prev = call.out
+        prev = call.output
     # Where each layer's signal enters the reversed chain: the last call producing its output (an
     # in-place ReLU returns the same tensor object as the conv before it).
     entry: dict[int, list[str]] = {}
     for name in wanted:
-        ks = [k for k, call in enumerate(calls) if call.out is acts[name]]
+        ks = [k for k, call in enumerate(calls) if call.output is acts[name]]
         if not ks:
             raise NotAChain(f"layer {name!r}'s output is not the output of one module in the "
                                 f"chain of {type(model).__name__}; {_HOOKED}")
@@ -307,7 +282,8 @@ def deconvnet_explicit(model: nn.Module, x: Tensor, layer: str | Sequence[str],
     _check_input(x)
     layers, channels = _per_image(layer, channel, x.shape[0])
     wanted = list(dict.fromkeys(layers))
-    _resolve_layers(model, wanted)
+    for name in wanted:
+        get_layer(model, name)
     with torch.no_grad():
         calls, acts, entry = _record_chain(model, x, wanted)
         seeds, positions, values = _seeds(acts, layers, channels, scale_by_activation)
@@ -320,10 +296,10 @@ def deconvnet_explicit(model: nn.Module, x: Tensor, layer: str | Sequence[str],
                 continue
             m = call.module
             if isinstance(m, nn.Conv2d):
-                g = _invert_conv(m, g, call.inp.shape[2:])
+                g = _invert_conv(m, g, call.input.shape[2:])
             elif isinstance(m, nn.ReLU):
                 g = F.relu(g)
             elif isinstance(m, nn.MaxPool2d):
-                g = _unpool(m, g, call.inp)
+                g = _unpool(m, g, call.input)
     projection = g if g is not None else torch.zeros_like(x)
     return DeconvResult(projection, positions, values)

@@ -24,7 +24,7 @@ from torch import nn
 from pipeline.methods.base import Explanation, LocalizerSource, MapMethod, NotApplicable, PassNeeds
 from pipeline.methods.deconvnet import DeconvResult, relu_backward_override, relu_modules, unit_projection
 from pipeline.methods.gradcam import GradCAM
-from pipeline.methods.hooks import Target
+from pipeline.methods.hooks import Target, watching
 from pipeline.methods.saliency import input_gradient
 
 
@@ -61,16 +61,13 @@ def guided_projection(model: nn.Module, x: torch.Tensor, layer: str | Sequence[s
 
 def require_relu_modules(model: nn.Module, x0: torch.Tensor, method: str) -> None:
     """A NotApplicable unless the forward pass on ``x0`` calls an ``nn.ReLU`` / ``nn.ReLU6`` module."""
-    calls: list[nn.Module] = []
-    handles = [m.register_forward_hook(lambda mod, _i, _o: calls.append(mod)) for m in relu_modules(model)]
-    try:
-        if handles:
-            with torch.no_grad():
-                model(x0)
-    finally:
-        for h in handles:
-            h.remove()
-    if not calls:
+    relus = set(relu_modules(model))
+    called = False
+    if relus:
+        with watching(model, lambda _n, m: m in relus) as calls, torch.no_grad():
+            model(x0)
+        called = bool(calls)
+    if not called:
         raise NotApplicable(
             f"{method} needs nn.ReLU / nn.ReLU6 modules to guide, but {type(model).__name__}'s forward "
             f"calls none (its ReLUs are functional F.relu calls, or it has none), so {method} would be "

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.methods.hooks import watching
 
 CONVERSION_HINT = (
     "Convert it to a CAM localizer first (GapLocalizer: the trunk up to its last conv layer + "
@@ -46,27 +47,13 @@ class _Trace(NamedTuple):
 def _trace(model: nn.Module, x: torch.Tensor) -> _Trace:
     """Run ``model`` on ``x`` recording all module outputs; a feature map counts only if its
     module ran once and nothing changed the tensor in place afterwards."""
-    modules = {m: n for n, m in model.named_modules() if n}
-    calls: Counter[str] = Counter()
-    names: list[str] = []
-    linear_inputs: list[object] = []
-    outputs: list[object] = []
-    versions: list[int] = []
-
-    def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-        calls[modules[module]] += 1
-        names.append(modules[module])
-        linear_inputs.append(inputs[0] if isinstance(module, nn.Linear) and inputs else None)
-        outputs.append(output)
-        versions.append(output._version if isinstance(output, torch.Tensor) else -1)
-
-    handles = [m.register_forward_hook(hook) for m in modules]
-    try:
-        with torch.no_grad():
-            logits = model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with watching(model, lambda _n, _m: True) as seen, torch.no_grad():
+        logits = model(x)
+    calls = Counter(c.name for c in seen)
+    names = [c.name for c in seen]
+    linear_inputs = [c.input if isinstance(c.module, nn.Linear) else None for c in seen]
+    outputs = [c.output for c in seen]
+    versions = [c.version for c in seen]
     maps = [i for i, out in enumerate(outputs)
             if isinstance(out, torch.Tensor) and out._version == versions[i] and out.dim() == 4
             and out.shape[-2:].numel() > 1 and calls[names[i]] == 1]

@@ -1,4 +1,5 @@
-"""Helpers shared by the hook-based methods: find a layer, capture its output, check targets.
+"""The one home of forward hooks: find a layer, capture its output (optionally stopping the forward
+there), watch module calls, replace module outputs; plus target checks shared by the hook-based methods.
 
 Gradients with respect to a captured output are taken with ``torch.autograd.grad(score, output)``
 on the captured tensor itself, which needs neither module backward hooks (unreliable with in-place
@@ -7,8 +8,9 @@ ops, pytorch#61519) nor tensor hooks, and leaves parameters' ``.grad`` untouched
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -35,32 +37,50 @@ def conv_layer_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
-class Capture:
-    """The output of one layer recorded during a forward pass (see :func:`capture`)."""
+# The one rule for a module that runs more than once in a forward pass (torchvision's BasicBlock
+# calls its one ReLU twice): its output is the one of its FIRST call, in every stage and method.
+# The forward can then stop right there, and extract, visualize and the explanations see the same
+# tensor for the same name. `stage=layers` lists such modules with their number of calls; pick the
+# enclosing block (e.g. ``layer1.0``) for a later call's output.
+REUSED_MODULE_RULE = "first call"
 
-    def __init__(self, name: str) -> None:
+
+class Capture:
+    """The output of one layer in the current forward pass: its first call's (see ``REUSED_MODULE_RULE``)."""
+
+    def __init__(self, name: str, retain: bool = True) -> None:
         self.name = name
         self.calls = 0
+        self.retain = retain
         self._output: torch.Tensor | None = None
         self._version = 0
 
-    def record(self, output: object) -> None:
-        """Keep the layer's output (the last one when the layer runs several times)."""
+    def reset(self) -> None:
+        """Forget the previous forward pass (a new forward of the model begins)."""
+        self.calls = 0
+        self._output = None
+
+    def record(self, output: object) -> bool:
+        """Count a call and keep its output when it is the first; True for the first call."""
+        self.calls += 1
+        if self.calls > 1:
+            return False
         if not isinstance(output, torch.Tensor):
             raise PipelineError(
                 f"Layer '{self.name}' returns {type(output).__name__}, not a tensor; "
                 "pick a layer that outputs a single tensor (for example a conv layer or a block).")
-        self.calls += 1
-        self._output = output
-        self._version = output._version
+        if self.retain:
+            self._output = output
+            self._version = output._version
+        return True
 
     @property
     def output(self) -> torch.Tensor:
         """The recorded output; a PipelineError if the layer did not run or was changed in place."""
         if self._output is None:
             raise PipelineError(
-                f"Layer '{self.name}' was not called during the forward pass; "
-                "pick a layer that the model's forward uses.")
+                f"Layer '{self.name}' was not called during the forward pass (the forward never called it "
+                "on this input); pick a layer that the model's forward uses.")
         if self._output._version != self._version:
             raise PipelineError(
                 f"The output of layer '{self.name}' is modified in place later in the forward pass "
@@ -69,15 +89,167 @@ class Capture:
         return self._output
 
 
+class StopForward(Exception):
+    """Raised from a forward hook to skip the rest of a forward pass once every wanted layer ran."""
+
+
+class Recorder:
+    """Forward hooks on named layers of ``model`` (see :func:`recording`).
+
+    Each forward of the model starts afresh (a pre-hook on the model resets every capture). With
+    ``stop`` the forward ends as soon as every layer has produced its output: :meth:`run` swallows
+    this recorder's own stop signal, so recorders nest. ``on_output(name, tensor)`` sees each layer's
+    output as it is made (e.g. to reduce it at once instead of keeping it: ``retain=False``).
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[str], *, stop: bool = False, retain: bool = True,
+                 on_output: Callable[[str, torch.Tensor], None] | None = None) -> None:
+        wanted = list(dict.fromkeys(layers))
+        if not wanted:
+            raise PipelineError("No layers to capture: give at least one layer name.")
+        self.model = model
+        self.modules = {name: get_layer(model, name) for name in wanted}
+        self.captures = {name: Capture(name, retain) for name in wanted}
+        self.stop = stop
+        self.on_output = on_output
+        self._signal = StopForward()
+        self._done = 0
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __getitem__(self, name: str) -> Capture:
+        return self.captures[name]
+
+    def _reset(self, *_: object) -> None:
+        self._done = 0
+        for cap in self.captures.values():
+            cap.reset()
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple, object], None]:
+        cap = self.captures[name]
+
+        def hook(_m: nn.Module, _i: tuple, out: object) -> None:
+            if not cap.record(out):
+                return
+            if self.on_output is not None:
+                self.on_output(name, out)
+            self._done += 1
+            if self.stop and self._done == len(self.captures):
+                raise self._signal
+        return hook
+
+    def attach(self) -> None:
+        """Register the hooks (the model's pre-hook first, so it runs before any capture)."""
+        self._handles.append(self.model.register_forward_pre_hook(self._reset))
+        self._handles += [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
+
+    def detach(self) -> None:
+        """Remove every hook this recorder registered."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def run(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``model(x)``; None when the forward was stopped after the last wanted layer."""
+        try:
+            return self.model(x)
+        except StopForward as err:
+            if err is not self._signal:
+                raise
+            return None
+        finally:
+            self._signal.__traceback__ = None  # free the skipped frames' tensors now, not at the next gc
+
+    def outputs(self) -> dict[str, torch.Tensor]:
+        """Every layer's output of the last forward; a PipelineError naming a layer that did not run."""
+        return {name: cap.output for name, cap in self.captures.items()}
+
+
+@contextmanager
+def recording(model: nn.Module, layers: Iterable[str], *, stop: bool = False, retain: bool = True,
+              on_output: Callable[[str, torch.Tensor], None] | None = None) -> Iterator[Recorder]:
+    """Capture ``layers`` while the block runs (see :class:`Recorder`); the hooks are always removed."""
+    rec = Recorder(model, layers, stop=stop, retain=retain, on_output=on_output)
+    try:
+        rec.attach()
+        yield rec
+    finally:
+        rec.detach()
+
+
 @contextmanager
 def capture(model: nn.Module, layer: str) -> Iterator[Capture]:
     """Record ``layer``'s forward output while the block runs; the hook is always removed."""
-    cap = Capture(layer)
-    handle = get_layer(model, layer).register_forward_hook(lambda _m, _i, out: cap.record(out))
+    with recording(model, [layer]) as rec:
+        yield rec[layer]
+
+
+def truncated_forward(model: nn.Module, x: torch.Tensor, layers: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Run ``model(x)`` only until every layer in ``layers`` has produced its output, and return those
+    outputs (with their autograd graph): nothing after the deepest wanted layer runs."""
+    with recording(model, layers, stop=True) as rec:
+        rec.run(x)
+        return rec.outputs()
+
+
+def forward_until(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
+    """Run ``model`` on ``x`` only as far as ``layer`` and return that layer's output."""
+    return truncated_forward(model, x, [layer])[layer]
+
+
+class Call(NamedTuple):
+    """One call of a watched module: its name, the module, its positional inputs, its output and the
+    output's version counter at the call (a later in-place change bumps the tensor's own; -1 if none)."""
+
+    name: str
+    module: nn.Module
+    inputs: tuple
+    output: object
+    version: int
+
+    @property
+    def input(self) -> object:
+        """The first positional input, None for a call without one."""
+        return self.inputs[0] if self.inputs else None
+
+
+@contextmanager
+def watching(model: nn.Module, select: Callable[[str, nn.Module], bool]) -> Iterator[list[Call]]:
+    """List every call of the named submodules that ``select(name, module)`` picks, in call order,
+    while the block runs. A module that refuses hooks (TorchScript) is left out."""
+    calls: list[Call] = []
+    handles = []
+
+    def hook_for(name: str) -> Callable[[nn.Module, tuple, object], None]:
+        def hook(m: nn.Module, inputs: tuple, out: object) -> None:
+            calls.append(Call(name, m, inputs, out, out._version if isinstance(out, torch.Tensor) else -1))
+        return hook
+
     try:
-        yield cap
+        for name, m in model.named_modules():
+            if name and select(name, m):
+                try:
+                    handles.append(m.register_forward_hook(hook_for(name)))
+                except RuntimeError:  # ScriptModules take no hooks
+                    pass
+        yield calls
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def replacing_outputs(modules: Sequence[nn.Module],
+                      replace: Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """While the block runs, each module's output is ``replace(module, inputs, output)``: how
+    deconvnet and guided backprop swap a ReLU's backward and how ablation zeroes channels."""
+    handles = []
+    try:
+        for m in modules:
+            handles.append(m.register_forward_hook(replace))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def check_target(target: Target, num_classes: int | None, batch: int | None = None) -> torch.Tensor:
@@ -123,32 +295,3 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return maps
     return nn.functional.interpolate(maps[:, None], size=size, mode="bilinear",
                                      align_corners=False)[:, 0]
-
-
-class _StopForward(Exception):
-    """Raised by :func:`forward_until`'s hook to skip the rest of the forward pass."""
-
-
-def forward_until(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
-    """Run ``model`` on ``x`` only as far as ``layer``'s first call and return that layer's output.
-
-    The rest of the network is skipped by raising from the layer's forward hook, so this works for
-    any architecture without rebuilding it; each call owns its own stop signal, so calls nest.
-    """
-    stop = _StopForward()
-    cap = Capture(layer)
-
-    def hook(_m: nn.Module, _i: object, out: object) -> None:
-        cap.record(out)
-        raise stop
-
-    handle = get_layer(model, layer).register_forward_hook(hook)
-    try:
-        model(x)
-    except _StopForward as err:
-        if err is not stop:
-            raise
-    finally:
-        handle.remove()
-        stop.__traceback__ = None  # free the skipped frames' tensors now, not at the next gc cycle
-    return cap.output

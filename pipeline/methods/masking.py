@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from pipeline.errors import PipelineError
 from pipeline.methods.base import Explanation, FastLayout, LayerMethod, MapMethod, is_scripted
-from pipeline.methods.hooks import Target, check_target, get_layer
+from pipeline.methods.hooks import Target, check_target, get_layer, replacing_outputs
 
 
 def fold_batchnorm(model: nn.Module, x0: torch.Tensor) -> nn.Module:
@@ -142,8 +142,7 @@ def ablation_scores(model: nn.Module, layer: str, x: torch.Tensor, t: torch.Tens
     run = Runner(model, x[:1], fold=False)  # the hook is on the model's own layer
     full = False
     scores = torch.empty(x.shape[0], channels + 1, dtype=x.dtype, device=x.device)
-    handle = get_layer(model, layer).register_forward_hook(ablate)
-    try:
+    with replacing_outputs([get_layer(model, layer)], ablate):
         for b in range(x.shape[0]):
             xb = x[b:b + 1]
             for i in range(0, channels + 1, batch_size):
@@ -158,8 +157,6 @@ def ablation_scores(model: nn.Module, layer: str, x: torch.Tensor, t: torch.Tens
                 if full:
                     logits = run(xb.expand(n, -1, -1, -1))
                 scores[b, i:i + n] = logits[:, t[b]].to(scores.dtype)
-    finally:
-        handle.remove()
     return scores
 
 

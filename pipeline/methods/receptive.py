@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.methods.hooks import forward_until
+
 
 def receptive_field(model: nn.Module, layer: str, input_shape: tuple[int, int, int], trials: int = 4,
                     seed: int = 0) -> tuple[int, int]:
@@ -14,25 +16,17 @@ def receptive_field(model: nn.Module, layer: str, input_shape: tuple[int, int, i
     (where ReLUs happen to pass); the union over a few inputs gives the field's extent.
     """
     gen = torch.Generator().manual_seed(seed)
-    module = dict(model.named_modules())[layer]
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    grabbed: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, _i, out: grabbed.append(out))
     seen = torch.zeros(input_shape[1:], dtype=torch.bool)
-    try:
-        for _ in range(trials):
-            grabbed.clear()
-            x = torch.randn(1, *input_shape, generator=gen).to(device).requires_grad_(True)
-            model(x)
-            out = grabbed[0]
-            if out.dim() != 4:
-                return input_shape[1], input_shape[2]
-            h, w = out.shape[2:]
-            (g,) = torch.autograd.grad(out[0, :, h // 2, w // 2].sum(), x)
-            seen |= (g[0].abs().sum(0) > 0).cpu()
-    finally:
-        handle.remove()
+    for _ in range(trials):
+        x = torch.randn(1, *input_shape, generator=gen).to(device).requires_grad_(True)
+        out = forward_until(model, layer, x)
+        if out.dim() != 4:
+            return input_shape[1], input_shape[2]
+        h, w = out.shape[2:]
+        (g,) = torch.autograd.grad(out[0, :, h // 2, w // 2].sum(), x)
+        seen |= (g[0].abs().sum(0) > 0).cpu()
     ys, xs = torch.nonzero(seen, as_tuple=True)
     if len(ys) == 0:
         return input_shape[1], input_shape[2]

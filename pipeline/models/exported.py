@@ -32,6 +32,7 @@ from torch.export import ExportedProgram
 from torch.export.unflatten import InterpreterModule
 
 from pipeline.errors import PipelineError
+from pipeline.methods.hooks import watching
 from pipeline.models.common import ModelBundle, image_transform, input_stats, read_class_names, tensors_key
 
 aten = torch.ops.aten
@@ -319,27 +320,22 @@ class _Rebuilder:
         return ty.rsplit(".", 1)[-1] if ty.startswith("torch.nn.modules.") else None
 
     def record(self, x: torch.Tensor) -> None:
-        """One forward pass on ``x``, checking each leaf's twin on every call of the leaf."""
-        handles = [m.register_forward_hook(self._hook(name)) for name, m in self.graphs.items()]
-        try:
-            with torch.no_grad():
-                self.tree(x)
-        finally:
-            for h in handles:
-                h.remove()
+        """One forward pass on ``x``, then each leaf's twin checked on every call of the leaf."""
+        with watching(self.tree, lambda name, _m: name in self.graphs) as calls, torch.no_grad():
+            self.tree(x)
+            for call in calls:
+                self._check(call.name, call.module, call.inputs, call.output)
 
-    def _hook(self, name: str) -> Callable[[nn.Module, tuple, object], None]:
-        def hook(module: nn.Module, args: tuple, out: object) -> None:
-            self.tensor_args[name] = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-            if name in self.twins and self.twins[name] is None:
-                return
-            if any(True for _ in module.children()) or len(self.tensor_args[name]) != 1:
-                self.twins[name] = None
-                return
-            inp = args[self.tensor_args[name][0]]
-            twin = self.twins[name] if name in self.twins else self._twin(name, module, inp, out)
-            self.twins[name] = twin if twin is not None and _close(twin(inp), out) else None
-        return hook
+    def _check(self, name: str, module: nn.Module, args: tuple, out: object) -> None:
+        self.tensor_args[name] = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        if name in self.twins and self.twins[name] is None:
+            return
+        if any(True for _ in module.children()) or len(self.tensor_args[name]) != 1:
+            self.twins[name] = None
+            return
+        inp = args[self.tensor_args[name][0]]
+        twin = self.twins[name] if name in self.twins else self._twin(name, module, inp, out)
+        self.twins[name] = twin if twin is not None and _close(twin(inp), out) else None
 
     def _twin(self, name: str, leaf: InterpreterModule, inp: torch.Tensor, out: object) -> nn.Module | None:
         call, cls = _only_call(leaf), self.cls(name)

@@ -3,49 +3,40 @@
 from __future__ import annotations
 
 import fnmatch
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pipeline.errors import PipelineError, suggest
+from pipeline.methods.hooks import watching
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A named module and the shape of its output for one input image (without the batch)."""
+    """A named module, the shape of its output for one input image (without the batch) and how many
+    times one forward pass calls it (more than 1: a reused module, read at its first call)."""
 
     name: str
     type: str
     shape: tuple[int, ...] | None
+    calls: int = 0
 
 
 def layer_table(module: nn.Module, input_shape: tuple[int, ...]) -> list[LayerInfo]:
-    """Every named submodule with its output shape, found by one forward pass on zeros."""
+    """Every named submodule with its output shape and call count, found by one forward pass on zeros."""
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    with watching(module, lambda _n, _m: True) as seen, torch.no_grad():
+        module(torch.zeros(1, *input_shape, device=device))
     shapes: dict[str, tuple[int, ...]] = {}
-    handles = []
-
-    def hook_for(name: str):
-        def hook(_m: nn.Module, _i: tuple, out: object) -> None:
-            if isinstance(out, torch.Tensor) and name not in shapes:
-                shapes[name] = tuple(out.shape[1:])
-        return hook
-
-    named = [(n, m) for n, m in module.named_modules() if n]
-    try:
-        for n, m in named:
-            try:
-                handles.append(m.register_forward_hook(hook_for(n)))
-            except RuntimeError:  # TorchScript modules refuse hooks
-                pass
-        param = next(module.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        with torch.no_grad():
-            module(torch.zeros(1, *input_shape, device=device))
-    finally:
-        for h in handles:
-            h.remove()
-    return [LayerInfo(n, type(m).__name__, shapes.get(n)) for n, m in named]
+    calls: Counter[str] = Counter()
+    for call in seen:
+        calls[call.name] += 1
+        if isinstance(call.output, torch.Tensor) and call.name not in shapes:
+            shapes[call.name] = tuple(call.output.shape[1:])
+    return [LayerInfo(n, type(m).__name__, shapes.get(n), calls[n]) for n, m in module.named_modules() if n]
 
 
 def resolve_layers(module: nn.Module, patterns: list[str] | str) -> list[str]:

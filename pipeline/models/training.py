@@ -1,13 +1,21 @@
-"""A small, seeded, deterministic training loop for the built-in classifiers (tensors in, metrics out)."""
+"""Training of the built-in classifiers: a small, seeded, deterministic loop (tensors in, metrics
+out) and the cached checkpoint a recipe names, trained on first use."""
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from pipeline.cache import Cache, atomic_write_json, make_key, read_manifest
+from pipeline.errors import PipelineError, suggest
+from pipeline.models.digits import DigitsCNN, DigitsCNNFC, fold_batchnorm
 
 
 @dataclass(frozen=True)
@@ -76,3 +84,76 @@ def _train(module: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test: torch.Te
     return {"train_accuracy": accuracy(module, x, y), "test_accuracy": accuracy(module, x_test, y_test),
             "final_loss": float(loss.item()), "train_seconds": time.perf_counter() - start,
             "n_train": len(x), "n_test": len(x_test)}
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in models: train once per (architecture, recipe, data), keep the checkpoint in the cache
+
+TRAIN_VERSION = 2  # 2: the digits trunk's last conv is 1x1
+ARCHS: dict[str, type[nn.Module]] = {"digits_cnn": DigitsCNN, "digits_cnn_fc": DigitsCNNFC}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a built-in checkpoint is made from: architecture, width, training parameters and the key
+    of the training data. Its :attr:`key` names the checkpoint in the cache."""
+
+    arch: str
+    width: int
+    params: TrainParams
+    data_key: str
+
+    @property
+    def key(self) -> str:
+        return make_key(kind="train", version=TRAIN_VERSION, arch=self.arch, width=self.width,
+                        params=self.params.__dict__, data=self.data_key)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A built-in model's folded weights and its training metrics (``checkpoint``: the file)."""
+
+    state: dict[str, torch.Tensor]
+    metrics: dict[str, Any]
+    trained_now: bool
+
+
+def recipe(arch: str, width: int, train: Mapping[str, Any], data_key: str) -> Recipe:
+    """The recipe from the train settings (keys of :class:`TrainParams`; others are ignored)."""
+    if arch not in ARCHS:
+        raise PipelineError(f"unknown built-in architecture '{arch}'.{suggest(arch, list(ARCHS))}")
+    params = TrainParams(**{k: train[k] for k in TrainParams.__dataclass_fields__ if k in train})
+    return Recipe(arch, int(width), params, data_key)
+
+
+def is_cached(cache: Cache, r: Recipe) -> bool:
+    """Whether the recipe's checkpoint is in the cache (nothing is trained to tell)."""
+    return read_manifest(cache.path("models", r.key)) is not None
+
+
+def fetch_or_train(cache: Cache, r: Recipe, data: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                   progress: bool = True) -> Trained:
+    """The recipe's checkpoint from the cache, or trained now and cached (atomically, manifest last).
+
+    ``data()`` returns (images (N,C,H,W), labels (N,), train mask (N,) bool); it is called only when
+    there is something to train.
+    """
+    folder = cache.get("models", r.key)
+    trained_now = folder is None
+    if trained_now:
+        x, y, train = data()
+        if not bool(train.any()) or bool(train.all()):
+            raise PipelineError("training needs both 'train' and 'test' images in the clutter_digits data.")
+        torch.manual_seed(r.params.seed)
+        net = ARCHS[r.arch](width=r.width, batchnorm=True)
+        metrics = train_classifier(net, x[train], y[train], x[~train], y[~train], r.params, progress)
+        state = fold_batchnorm(net.state_dict())
+        with cache.write("models", r.key, {"arch": r.arch, "metrics": metrics, "params": r.params.__dict__,
+                                           "data": r.data_key}) as tmp:
+            torch.save(state, tmp / "model.pt")
+            atomic_write_json(tmp / "metrics.json", metrics)
+        folder = cache.path("models", r.key)
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["checkpoint"] = str(folder / "model.pt")
+    return Trained(state, metrics, trained_now)
