@@ -8,9 +8,9 @@ import torchvision
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.methods.metrics import (baseline_image, box_iou, center_map, deletion,
-                                      gaussian_blur, insertion, pointing_game, pointing_tolerance,
-                                      trapezoid_auc)
+from pipeline.methods.blur import gaussian_blur
+from pipeline.methods.metrics import (baseline_image, box_iou, center_map, deletion, insertion,
+                                      pointing_game, pointing_tolerance, trapezoid_auc)
 
 
 def peak_map(h: int, w: int, y: int, x: int) -> torch.Tensor:

@@ -9,8 +9,8 @@ from torch import nn
 from torchvision.models import resnet18
 
 from pipeline.errors import PipelineError
+from pipeline.methods.blur import gaussian_blur
 from pipeline.methods.occlusion import (
-    gaussian_blur,
     make_fill,
     occlusion,
     occlusion_boxes,

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError
+from pipeline.methods.blur import gaussian_blur
 from pipeline.methods.hooks import get_layer, truncated_forward
 
 LOGITS = ""
@@ -204,20 +205,6 @@ def decorrelate_color(t: Tensor) -> Tensor:
     if t.shape[1] != 3:
         return t
     return torch.einsum("bchw,dc->bdhw", t, _COLOR_MIX.to(t))
-
-
-def gaussian_blur(t: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (B, C, H, W) with reflect padding; sigma in pixels."""
-    if sigma <= 0:
-        return t
-    r = max(1, math.ceil(3 * sigma))
-    r = min(r, t.shape[2] - 1, t.shape[3] - 1)
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=t.dtype, device=t.device) / sigma) ** 2)
-    k = k / k.sum()
-    c = t.shape[1]
-    out = F.pad(t, (r, r, r, r), mode="reflect")
-    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def _noise(batch: int, shape: Sequence[int], generator: torch.Generator, sd: float,

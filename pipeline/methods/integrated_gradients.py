@@ -19,7 +19,7 @@ from torch import nn
 from pipeline.errors import PipelineError
 from pipeline.methods.base import Explanation, FastLayout, MapMethod
 from pipeline.methods.hooks import Target, check_target
-from pipeline.methods.occlusion import gaussian_blur
+from pipeline.methods.blur import gaussian_blur
 
 RULES = ("gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right")
 BASELINES = ("zero", "blur", "mean")

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.errors import PipelineError
+from pipeline.methods.blur import gaussian_blur
 from pipeline.methods.hooks import Target, check_target
 
 Baseline = str | torch.Tensor
@@ -105,21 +106,6 @@ def center_map(height: int, width: int) -> torch.Tensor:
     xs = torch.arange(width, dtype=torch.float32) - (width - 1) / 2
     dist = torch.sqrt(ys[:, None] ** 2 + xs[None, :] ** 2)
     return 1 - dist / dist.max().clamp_min(1e-12)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Blur (B,C,H,W) images with a separable Gaussian (edge pixels replicated)."""
-    if sigma <= 0:
-        return x
-    radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    c = x.shape[1]
-    out = F.pad(x, (radius, radius, 0, 0), mode="replicate")
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    out = F.pad(out, (0, 0, radius, radius), mode="replicate")
-    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def baseline_image(x: torch.Tensor, baseline: Baseline, blur_sigma: float | None = None

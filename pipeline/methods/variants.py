@@ -14,22 +14,15 @@ Images are (B,C,H,W) in the model's (normalised) units; object masks are (B,H,W)
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
-from torchvision.transforms.functional import gaussian_blur
 
 from pipeline.errors import PipelineError
+from pipeline.methods.blur import gaussian_blur
 
 VARIANTS = ("object_only", "context_only", "mixed_same", "mixed_rand")
 FILLS = ("mean", "blur", "constant")
-
-
-def _blur_kernel(sigma: float, size: int) -> int:
-    """Odd kernel of about 3 sigma either side, clipped to the largest that reflect padding allows
-    on an axis of ``size`` pixels (padding < size, so kernel <= 2 * size - 1)."""
-    return min(2 * math.ceil(3 * sigma) + 1, 2 * size - 1)
 
 
 def fill_image(x: Tensor, fill: str, *, mean: Tensor | None = None, constant: float = 0.0,
@@ -50,9 +43,7 @@ def fill_image(x: Tensor, fill: str, *, mean: Tensor | None = None, constant: fl
     if fill == "blur":
         if not blur_sigma > 0:
             raise PipelineError(f"blur_sigma must be > 0 for fill='blur', got {blur_sigma}.")
-        h, w = x.shape[-2:]
-        kernel = [_blur_kernel(blur_sigma, w), _blur_kernel(blur_sigma, h)]  # torchvision: (x, y)
-        return gaussian_blur(x, kernel, [float(blur_sigma)] * 2)
+        return gaussian_blur(x, float(blur_sigma))
     raise PipelineError(f"Unknown fill {fill!r}; choose one of: {', '.join(FILLS)}.")
 
 

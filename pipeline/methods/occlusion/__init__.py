@@ -5,10 +5,10 @@ patches <- engines <- krypton <- sliding."""
 
 from pipeline.methods.occlusion.engines import Engine, PlainEngine
 from pipeline.methods.occlusion.krypton import ApproximateEngine, IncrementalEngine, low_precision_active
-from pipeline.methods.occlusion.patches import (FILLS, box_masks, gaussian_blur, make_fill, occlude,
+from pipeline.methods.occlusion.patches import (FILLS, box_masks, make_fill, occlude,
                                                 occlusion_boxes, window_average)
 from pipeline.methods.occlusion.sliding import ENGINES, Occlusion, OcclusionResult, occlusion, resolve_engine
 
 __all__ = ["ENGINES", "FILLS", "ApproximateEngine", "Engine", "IncrementalEngine", "Occlusion", "OcclusionResult",
-           "PlainEngine", "box_masks", "gaussian_blur", "low_precision_active", "make_fill", "occlude", "occlusion",
+           "PlainEngine", "box_masks", "low_precision_active", "make_fill", "occlude", "occlusion",
            "occlusion_boxes", "resolve_engine", "window_average"]

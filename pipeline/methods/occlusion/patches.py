@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.nn import functional as F
 
 from pipeline.errors import PipelineError, suggest
+from pipeline.methods.blur import gaussian_blur
 
 FILLS = ("constant", "mean", "blur")
 
@@ -66,21 +66,6 @@ def box_masks(boxes: torch.Tensor, height: int, width: int) -> tuple[torch.Tenso
     row_mask = (rows[None] >= boxes[:, 0:1]) & (rows[None] < boxes[:, 2:3])
     col_mask = (cols[None] >= boxes[:, 1:2]) & (cols[None] < boxes[:, 3:4])
     return row_mask, col_mask
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, C, H, W) with reflect padding, kernel radius ceil(3 sigma)."""
-    radius = max(1, math.ceil(3.0 * sigma))
-    coords = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-0.5 * (coords / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    c = x.shape[1]
-    # Reflect padding needs pad < size; replicate beyond that keeps tiny images working.
-    mode = "reflect" if radius < min(x.shape[-2:]) else "replicate"
-    out = F.pad(x, (radius, radius, 0, 0), mode=mode)
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    out = F.pad(out, (0, 0, radius, radius), mode=mode)
-    return F.conv2d(out, kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
 def make_fill(x: torch.Tensor, fill: str = "constant", fill_value: float = 0.0,
