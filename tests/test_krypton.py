@@ -14,16 +14,11 @@ from torch.nn import functional as F
 from torchvision.models import resnet18, vgg11
 
 from pipeline.errors import PipelineError
-from pipeline.methods.occlusion import krypton
-from pipeline.methods.occlusion.krypton import (
-    ApproximateEngine,
-    IncrementalEngine,
-    _window_axis,
-    drill_down,
-    interpolation_fit,
-    low_precision_supported,
-    theoretical_flop_ratio,
-)
+from pipeline.methods.occlusion import approximate, krypton
+from pipeline.methods.occlusion.approximate import (ApproximateEngine, drill_down, interpolation_fit,
+                                                   low_precision_supported)
+from pipeline.methods.occlusion.krypton import IncrementalEngine, theoretical_flop_ratio
+from pipeline.methods.occlusion.regions import TAU_MIN_SIZE, cap_box, window_axis
 from pipeline.methods.occlusion import PlainEngine, make_fill, occlusion, occlusion_boxes
 from pipeline.models.digits import DigitsCNN, DigitsCNNFC
 from pipeline.models.efficientnet_lite import build_efficientnet_lite0
@@ -305,7 +300,7 @@ def test_window_axis_matches_brute_force(kernel: int, stride: int, pad: int, dil
             x[..., lo:hi] = 1.0
             out = F.conv1d(x, weight, stride=stride, padding=pad, dilation=dilation)[0, 0]
             changed = (out != 0).nonzero().flatten().tolist()
-            got_lo, got_hi = _window_axis(torch.tensor([lo]), torch.tensor([hi]), pad, kernel,
+            got_lo, got_hi = window_axis(torch.tensor([lo]), torch.tensor([hi]), pad, kernel,
                                           stride, dilation, out_size, None)
             if not changed:
                 assert int(got_hi) == int(got_lo)
@@ -348,10 +343,10 @@ def test_planned_boxes_give_the_same_logits(make: type[nn.Module], tau: float | 
     unplanned = IncrementalEngine(model, x, tau)(subset, fill)
     engine = IncrementalEngine(model, x, tau)
     engine.plan(boxes)
-    assert engine._plan and engine._planned_rows(subset) is not None
+    assert engine.planned(subset)
     torch.testing.assert_close(engine(subset, fill), unplanned, rtol=0, atol=0)
     other = torch.tensor([[1, 2, 9, 10]])
-    assert engine._planned_rows(other) is None
+    assert not engine.planned(other)
     torch.testing.assert_close(engine(other, fill), IncrementalEngine(model, x, tau)(other, fill),
                                rtol=0, atol=0)
 
@@ -412,7 +407,7 @@ def test_approximate_quality_on_a_rough_map(monkeypatch: pytest.MonkeyPatch) -> 
     coarse = occlusion(model, x, target, window=8, stride=4, engine="approximate",
                        tolerance=float("inf"))
     assert _ssim(exact.prob, coarse.prob) < 0.9
-    monkeypatch.setattr(krypton, "interpolation_fit", lambda prob, known: 1.0)
+    monkeypatch.setattr(approximate, "interpolation_fit", lambda prob, known: 1.0)
     unscaled = ApproximateEngine(model, x)
     blind = occlusion(model, x, target, window=8, stride=4, engine=unscaled)
     assert len(unscaled.evaluated) < len(engine.evaluated)
@@ -448,14 +443,14 @@ def test_threshold_centres_on_the_patch_and_spares_small_maps() -> None:
     centre = torch.tensor([0.05, 0.5])
     # a box clipped at the image's edge keeps the edge, where the patch is; a box within the
     # limit is left alone
-    y0, y1 = krypton._cap(lo, hi, 20, 0.3, centre)
+    y0, y1 = cap_box(lo, hi, 20, 0.3, centre)
     assert y0.tolist() == [0, 4] and y1.tolist() == [6, 9]
-    y0, y1 = krypton._cap(lo, hi, 20, 0.3)
+    y0, y1 = cap_box(lo, hi, 20, 0.3)
     assert y0.tolist() == [7, 4] and y1.tolist() == [13, 9]
-    y0, y1 = krypton._cap(torch.tensor([0]), torch.tensor([20]), 20, 0.3, torch.tensor([0.5]))
+    y0, y1 = cap_box(torch.tensor([0]), torch.tensor([20]), 20, 0.3, torch.tensor([0.5]))
     assert (y0.item(), y1.item()) == (7, 13)
-    small = krypton.TAU_MIN_SIZE - 1
-    y0, y1 = krypton._cap(torch.tensor([0]), torch.tensor([small]), small, 0.3,
+    small = TAU_MIN_SIZE - 1
+    y0, y1 = cap_box(torch.tensor([0]), torch.tensor([small]), small, 0.3,
                           torch.tensor([0.5]))
     assert (y0.item(), y1.item()) == (0, small)
 
