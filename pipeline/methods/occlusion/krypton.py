@@ -46,10 +46,11 @@ from torch.nn import functional as F
 
 from pipeline.errors import PipelineError
 from pipeline.methods.occlusion.regions import (Dense, Patch, Region, cap_box, flat, gather, scatter,
-    window_axis)
+                                                window_axis)
 from pipeline.methods.occlusion.rules import (CAT_FUNCTIONS, CHUNK_BYTES, GLOBAL_FUNCTIONS, GLOBAL_METHODS,
-    LOW_PRECISION_MIN_MACS, LeafTracer, MERGE_FUNCTIONS, MERGE_METHODS, POINTWISE_FUNCTIONS,
-    POINTWISE_METHODS, Rule, Window, module_macs, module_rule, probe_pad, tensors)
+                                              LOW_PRECISION_MIN_MACS, LeafTracer, MERGE_FUNCTIONS,
+                                              MERGE_METHODS, POINTWISE_FUNCTIONS, POINTWISE_METHODS, Rule,
+                                              Window, module_macs, module_rule, probe_pad, tensors)
 from pipeline.methods.occlusion.engines import PlainEngine
 from pipeline.methods.occlusion.patches import occlusion_boxes
 
