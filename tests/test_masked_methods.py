@@ -13,7 +13,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.methods.masking import RISE, AblationCAM, RiseMasks, ScoreCAM, fold_batchnorm, rise_masks
+from pipeline.methods.base import fold_batchnorm
+from pipeline.methods.masking import RISE, AblationCAM, RiseMasks, ScoreCAM, rise_masks
 from pipeline.methods.registry import METHODS
 from tests.helpers import TinyResNet as Net
 from tests.helpers import trained_like
@@ -81,14 +82,19 @@ def test_matches_pytorch_grad_cam(request: pytest.FixtureRequest, ours, ref, mod
     np.testing.assert_allclose(_minmax(maps), theirs, rtol=1e-4, atol=1e-5)
 
 
-def test_scorecam_scores_all_zero_masks_in_one_pass(net: Net) -> None:
+def test_scorecam_scores_all_zero_masks_in_one_pass() -> None:
+    net = _seeded(Net)  # fresh: its folded copy is made (and checked) on the first call only
     x = torch.randn(2, 3, 16, 16)
     sizes, handle = _batch_sizes(net.stem[0])  # a conv without BatchNorm: kept in the folded copy
     ScoreCAM(layer="stem", batch_size=5).attribute(net, x, 1)
+    first = list(sizes)
+    sizes.clear()
+    ScoreCAM(layer="stem", batch_size=5).attribute(net, x, 1)
     handle.remove()
     # the capture pass, the folding check (model and copy), 2 x 7 live channels in batches of 5,
-    # one zero image for the dead channel
-    assert sizes == [2, 1, 1, 5, 5, 4, 1]
+    # one zero image for the dead channel; the second call reuses the folded copy
+    assert first == [2, 1, 1, 5, 5, 4, 1]
+    assert sizes == [2, 5, 5, 4, 1]
 
 
 def test_fold_batchnorm_keeps_the_logits_or_the_model(net: Net) -> None:
@@ -106,6 +112,16 @@ def test_fold_batchnorm_keeps_the_logits_or_the_model(net: Net) -> None:
 
     branchy = _seeded(Branchy)
     assert fold_batchnorm(branchy, x) is branchy
+    # made once per model, remade when its weights change in place
+    assert fold_batchnorm(net, x) is folded
+    bn = next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    with torch.no_grad():
+        bn.running_mean.add_(1.0)
+    refolded = fold_batchnorm(net, x)
+    assert refolded is not folded
+    with torch.no_grad():
+        torch.testing.assert_close(refolded(x), net(x), rtol=1e-5, atol=1e-6)
+        bn.running_mean.sub_(1.0)
 
 
 def test_ablationcam_runs_the_trunk_once_per_batch_and_falls_back(net: Net, dense: DenseNet) -> None:

@@ -20,12 +20,14 @@ one backward instead of three forwards and two backwards, with the same maps.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 from pipeline.errors import PipelineError, suggest
 from pipeline.methods.heads import find_gap_head, last_feature_map
@@ -212,6 +214,48 @@ class FastLayout:
             out = self.model(batch)  # raises again when the layout was not the problem
             self.memory_format = torch.contiguous_format
             return out
+
+
+# folded copies by model: reused while none of the model's parameters or buffers changed
+_FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def _state_versions(model: nn.Module) -> tuple[int, ...]:
+    """Identity and in-place version of every parameter and buffer: changes when the weights do."""
+    return tuple(v for t in (*model.parameters(), *model.buffers()) for v in (id(t), t._version))
+
+
+def fold_batchnorm(model: nn.Module, x0: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` with each BatchNorm folded into the conv before it (``torch.fx``'s
+    ``fuse``), which spares a pass over every activation forward and backward; ``model`` itself
+    when it is not in eval mode, does not trace, or gives other logits on ``x0`` than the copy
+    (beyond rounding). The copy is made once per model and remade when its weights change."""
+    if model.training or is_scripted(model):
+        return model
+    versions = _state_versions(model)
+    hit = _FOLDED.get(model)
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    try:
+        folded = fuse(model)
+    except Exception:  # not traceable (control flow on values, a module in train mode): as it is
+        folded = model
+    if folded is not model:
+        with torch.no_grad():
+            ref = model(x0)
+            if not (folded(x0) - ref).abs().max() <= 1e-4 * ref.abs().max():
+                folded = model
+    _FOLDED[model] = (versions, folded)
+    return folded
+
+
+class Runner(FastLayout):
+    """The model on batches of (masked or path) inputs, in the fast layout (:class:`FastLayout`)
+    and with its BatchNorms folded (:func:`fold_batchnorm`) unless ``fold`` is off (for hooks on
+    the model)."""
+
+    def __init__(self, model: nn.Module, x0: torch.Tensor, fold: bool = True) -> None:
+        super().__init__(fold_batchnorm(model, x0) if fold else model, x0.device)
 
 
 def targets_for(logits: torch.Tensor, target: Target) -> torch.Tensor:

@@ -20,36 +20,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.fx.experimental.optimization import fuse
 from torch.nn import functional as F
 
 from pipeline.errors import PipelineError
-from pipeline.methods.base import Explanation, FastLayout, LayerMethod, MapMethod, is_scripted
+from pipeline.methods.base import Explanation, LayerMethod, MapMethod, Runner
 from pipeline.methods.hooks import Target, check_target, get_layer, replacing_outputs
-
-
-def fold_batchnorm(model: nn.Module, x0: torch.Tensor) -> nn.Module:
-    """A copy of ``model`` with each BatchNorm folded into the conv before it (``torch.fx``'s
-    ``fuse``), which spares a pass over every activation; ``model`` itself when it is not in eval
-    mode, does not trace, or gives other logits on ``x0`` than the copy (beyond rounding)."""
-    if model.training or is_scripted(model):
-        return model
-    try:
-        folded = fuse(model)
-    except Exception:  # not traceable (control flow on values, a module in train mode): as it is
-        return model
-    with torch.no_grad():
-        ref = model(x0)
-        same = (folded(x0) - ref).abs().max() <= 1e-4 * ref.abs().max()
-    return folded if same else model
-
-
-class Runner(FastLayout):
-    """The model on batches of masked inputs, in the fast layout (:class:`FastLayout`) and with its
-    BatchNorms folded (:func:`fold_batchnorm`) unless ``fold`` is off (for hooks on the model)."""
-
-    def __init__(self, model: nn.Module, x0: torch.Tensor, fold: bool = True) -> None:
-        super().__init__(fold_batchnorm(model, x0) if fold else model, x0.device)
 
 
 def channel_maps(act: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
