@@ -14,12 +14,6 @@ from pipeline.methods.hooks import truncated_forward
 from pipeline.models.digits import DigitsCNN
 
 
-@pytest.fixture(scope="module")
-def digits() -> DigitsCNN:
-    torch.manual_seed(0)
-    return DigitsCNN().eval()
-
-
 def _acts() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return {"conv": torch.randn(2, 4, 5, 6, generator=g), "fc": torch.randn(2, 3, generator=g),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torchvision
 from captum.attr import LayerAttribution, LayerGradCam
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -16,25 +15,6 @@ from pipeline.methods.cam import (GapHead, GapLocalizer, cam, cam_box, find_gap_
                                   fit_gap_head, last_feature_map, pooled_features)
 from pipeline.methods.gradcam import gradcam
 from pipeline.methods.hooks import capture, check_target, forward_until, get_layer
-from pipeline.models.digits import DigitsCNN, DigitsCNNFC
-
-
-@pytest.fixture(scope="module")
-def digits() -> nn.Module:
-    torch.manual_seed(0)
-    return DigitsCNN().eval()
-
-
-@pytest.fixture(scope="module")
-def digits_fc() -> nn.Module:
-    torch.manual_seed(0)
-    return DigitsCNNFC().eval()
-
-
-@pytest.fixture(scope="module")
-def resnet() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(weights=None, num_classes=7).eval()
 
 
 def images(n: int, channels: int, seed: int = 1) -> torch.Tensor:

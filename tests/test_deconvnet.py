@@ -33,12 +33,6 @@ def _small_net(inplace: bool = False) -> nn.Sequential:
     ])).eval()
 
 
-@pytest.fixture(scope="module")
-def digits() -> DigitsCNN:
-    torch.manual_seed(0)
-    return DigitsCNN().eval()
-
-
 def _captum(model: nn.Module, layer: str, x: torch.Tensor, channel: int,
             position: torch.Tensor) -> torch.Tensor:
     module = dict(model.named_modules())[layer]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 from captum.attr import Saliency
 from torch import nn
 
@@ -13,18 +12,6 @@ from pipeline.methods.metrics import box_iou
 from pipeline.methods.saliency import input_gradient, saliency, saliency_map
 from pipeline.methods.segmentation import fraction_mask, grabcut_mask, quantile_mask
 from pipeline.models.digits import DigitsCNN
-
-
-@pytest.fixture(scope="module")
-def digits() -> nn.Module:
-    torch.manual_seed(0)
-    return DigitsCNN().eval()
-
-
-@pytest.fixture(scope="module")
-def resnet() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(weights=None, num_classes=7).eval()
 
 
 @pytest.mark.parametrize("which", ["digits", "resnet"])
