@@ -183,17 +183,18 @@ class MapMethod:
                                     f"{'integer' if integer else 'number'}, got {value!r}.")
 
 
-CPU_PASS_AREA = 160 * 160  # from this input size up, CPU passes take two images at a time
+CPU_PASS_PIXELS = 128 * 1024  # input pixels per CPU forward/backward pass
 
 
 def pass_size(x: torch.Tensor) -> int:
-    """Images per forward/backward pass for the batch ``x``: two at a time for large images on the
-    CPU, where bigger batches run slower per image (measured: the input gradient of
-    EfficientNet-Lite0 at 224 on one thread, 59 ms an image in pairs, 81 alone, 128 in 32s), else
-    the whole batch."""
-    if x.device.type == "cpu" and x.shape[-2] * x.shape[-1] >= CPU_PASS_AREA:
-        return min(2, x.shape[0])
-    return x.shape[0]
+    """Images per forward/backward pass for the batch ``x``: on the CPU about ``CPU_PASS_PIXELS``
+    input pixels a pass, where bigger passes run slower per image once their activations leave the
+    cache (measured on one thread: the input gradient of EfficientNet-Lite0 at 224, 59 ms an image
+    in pairs, 81 alone, 128 in 32s; of digits_cnn at 64x64, 1.6-1.8 ms an image in passes of 32,
+    2.8 in 192s, 4.0 in 512s), else the whole batch."""
+    if x.device.type != "cpu":
+        return x.shape[0]
+    return max(1, min(x.shape[0], CPU_PASS_PIXELS // (x.shape[-2] * x.shape[-1])))
 
 
 class FastLayout:

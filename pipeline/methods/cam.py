@@ -54,6 +54,9 @@ def class_maps(act: torch.Tensor, fc: nn.Linear, t: torch.Tensor, size: tuple[in
     return upsample(torch.einsum("bc,bchw->bhw", fc.weight.detach()[t].to(act.dtype), act), size)
 
 
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
 def cam_box(maps: torch.Tensor, fraction: float = 0.2) -> torch.Tensor:
     """Bounding box of the largest 8-connected region where a map is >= ``fraction`` of its max.
 
@@ -73,10 +76,10 @@ def cam_box(maps: torch.Tensor, fraction: float = 0.2) -> torch.Tensor:
         if not top > 0:
             boxes[i] = (0, 0, m.shape[1], m.shape[0])
             continue
-        labels, _ = ndimage.label(m >= fraction * top, structure=np.ones((3, 3)))
-        biggest = np.bincount(labels.ravel())[1:].argmax() + 1
-        ys, xs = np.nonzero(labels == biggest)
-        boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        labels, _ = ndimage.label(m >= fraction * top, structure=EIGHT_CONNECTED)
+        biggest = np.bincount(labels.ravel())[1:].argmax()
+        ys, xs = ndimage.find_objects(labels)[biggest]
+        boxes[i] = (xs.start, ys.start, xs.stop, ys.stop)
     out = torch.from_numpy(boxes)
     return out[0] if single else out
 
