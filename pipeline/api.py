@@ -3,7 +3,7 @@
 ``run(["stage=extract", "model=efficientnet_lite0", "data=photos"])`` does what ``python -m
 pipeline stage=extract model=efficientnet_lite0 data=photos`` does (one run, composed with Hydra's
 compose API from the same configs, in a new run folder) and returns the run summary; it raises the
-project's exceptions (:class:`~pipeline.errors.PipelineError`, :class:`~pipeline.audit.AuditFailed`)
+project's exceptions (:class:`~pipeline.errors.PipelineError`, :class:`~pipeline.errors.AuditFailed`)
 instead of exiting. :func:`load_model` and :func:`load_dataset` return the bundles the stages use.
 """
 

@@ -23,9 +23,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline.audit import AuditFailed
 from pipeline.cache import atomic_write_json
-from pipeline.errors import PipelineError
+from pipeline.errors import AuditFailed, PipelineError
 
 log = logging.getLogger("pipeline")
 STATUS_FILE = "status.json"

@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import PipelineError, suggest
+from pipeline.settings import plain
 
 _HERE = Path(__file__).resolve().parent
 # a wheel carries the configs inside the package; a checkout keeps them at the repository's top
@@ -39,7 +40,8 @@ RANGES: tuple[tuple[str, str], ...] = (
     ("num_shards", "positive"), ("shard", "non-negative"), ("*num_workers", "non-negative"),
     ("*.threads", "positive"), ("*weight_decay", "non-negative"), ("*sigma", "non-negative"),
     ("*.p", "fraction"), ("*.alpha", "fraction"), ("*quantile", "fraction"), ("*.iou", "fraction"),
-    ("*.threshold", "fraction"), ("*.noise", "non-negative"),
+    ("*.threshold", "fraction"), ("*.noise", "non-negative"), ("report.microscope.visualize", "non-negative"),
+    ("dissect.cut", "fraction"),
 )
 EXPECTED = {"positive": "a positive number", "non-negative": "a number >= 0", "fraction": "a number in [0, 1]"}
 
@@ -169,7 +171,7 @@ def _leaves(default: DictConfig, cfg: DictConfig, prefix: str) -> Iterator[tuple
 
 def _resolved(cfg: DictConfig, key: Any) -> Any:
     value = cfg[key]
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return plain(value)
 
 
 def _problem(key: str, default: Any, value: Any) -> str:

@@ -31,7 +31,8 @@ from pipeline.methods.base import MapMethod, SharedPass, shared_pass
 from pipeline.methods.cam import cam_box
 from pipeline.methods.metrics import box_iou, box_masks, deletion, inside_energy, insertion, pointing_mask
 from pipeline.methods.registry import METHODS, make_method
-from pipeline.runtime import Context, plain
+from pipeline.runtime import Context
+from pipeline.settings import plain
 from pipeline.reliance.summary import Rules
 from pipeline.selection import Item, Predictions, input_box, input_mask, resolve_target, select_images
 from pipeline.store import shard_of

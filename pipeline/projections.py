@@ -119,6 +119,23 @@ def projection_function(method: str, mode: str) -> Callable[..., DeconvResult]:
     return deconvnet_explicit if mode == "explicit" else deconvnet
 
 
+def projection_params(ctx: Context, layer: str, mode: str) -> dict[str, dict[str, Any]]:
+    """Each method's settings that enter its projections' cache keys (from ``visualize.deconv``)."""
+    cfg = ctx.cfg.visualize
+    common = {"layer": layer, "scale_by_activation": bool(cfg.deconv.scale_by_activation),
+              "patch_min_size": int(cfg.deconv.patch_min_size)}
+    return {"deconvnet": {"layer": layer, "mode": mode, **common}, "guided_backprop": common}
+
+
+def projection_jobs(ctx: Context, method: str, params: dict[str, Any], channel: int, top: pd.DataFrame) -> list[Job]:
+    """The projections of ``channel`` on its top images (``top``: image_id, path, best first), each
+    with its cache key (method, version, settings, channel, model key, image id)."""
+    key = ctx.model.key
+    return [Job(method, channel, r, str(t.image_id), str(t.path),
+                artifact_key(KIND[method], VERSION[method], {**params, "channel": channel}, key, str(t.image_id)))
+            for r, t in enumerate(top.itertuples(index=False))]
+
+
 def compute(ctx: Context, layer: str, hw: tuple[int, int], jobs: list[Job], fn: Callable[..., DeconvResult],
             field: tuple[int, int], params: dict[str, Any]) -> dict[str, Artifact]:
     """Run one projection method on the jobs' images in batches and write one artifact per job;
@@ -157,13 +174,8 @@ def channel_projections(ctx: Context, layer: str, hw: tuple[int, int], tops: dic
     per-method summary of :func:`summarize`."""
     cfg = ctx.cfg.visualize
     model = ctx.model
-    common = {"layer": layer, "scale_by_activation": bool(cfg.deconv.scale_by_activation),
-              "patch_min_size": int(cfg.deconv.patch_min_size)}
-    params = {"deconvnet": {"layer": layer, "mode": mode, **common}, "guided_backprop": common}
-    jobs = {m: {c: [Job(m, c, r, str(t.image_id), str(t.path),
-                        artifact_key(KIND[m], VERSION[m], {**params[m], "channel": c}, model.key, str(t.image_id)))
-                    for r, t in enumerate(top.itertuples(index=False))] for c, top in tops.items()}
-            for m in methods}
+    params = projection_params(ctx, layer, mode)
+    jobs = {m: {c: projection_jobs(ctx, m, params[m], c, top) for c, top in tops.items()} for m in methods}
     field: tuple[int, int] | None = None
     fresh: set[str] = set()
     arts: dict[str, Artifact] = {}

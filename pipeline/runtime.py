@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.cache import Cache, atomic_write_json
 from pipeline.data import DatasetBundle, load_dataset
@@ -59,11 +59,6 @@ def show(text: str) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
             handler.handle(record)
-
-
-def plain(value: Any) -> Any:
-    """A config node (or any value) as plain Python: dicts, lists and scalars, interpolations resolved."""
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def images_to_tensor(paths: list[str], transform: Any) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Benchmark the activation store's queries on a synthetic store of N images x C channels.
 
-Writes the store through the real writer API (plan / write_part / finalize), builds the exact and
+Writes the store through the real writer API (plan / plan.write / finalize), builds the exact and
 IVF indexes, then measures in the same run:
 
 * per-neuron top-k lookups against the pandas baseline (read the neuron's Parquet column, nlargest);
@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pandas as pd
 
@@ -107,7 +108,7 @@ def write_store(root: Path, n: int, channels: int, part_size: int) -> dict:
         acts = features.chunk(labels, seed=1000 + i)
         preds = predictions(labels, seed=2000 + i)
         gen_s += time.perf_counter() - g0
-        store.write_part(0, chunk, {LAYER: acts}, preds)
+        plan.write(chunk, {LAYER: acts}, preds)
         print(f"  part {i}: {len(chunk)} rows", file=sys.stderr, flush=True)
     t_write = time.perf_counter() - t0 - t_plan - gen_s
     f0 = time.perf_counter()
@@ -117,11 +118,12 @@ def write_store(root: Path, n: int, channels: int, part_size: int) -> dict:
             "write_rows_per_s": round(n / max(t_write, 1e-9))}
 
 
-def brute_force(store: ActivationStore, vector: np.ndarray, k: int) -> list[int]:
-    """Exact answer by a full float64 scan of the index's vectors (independent of the pre-scan)."""
-    flat = store._flat(LAYER, "ip")
-    pos, _ = flat.brute(np.asarray(vector, np.float64), k)
-    return flat.rows[pos].tolist()
+def brute_force(rows: np.ndarray, vectors: np.ndarray, vector: np.ndarray, k: int) -> list[int]:
+    """Exact answer by a full float64 scan of the stored mean vectors (independent of the index),
+    ordered like the store's answers: score descending, then row id ascending."""
+    scores = np.concatenate([vectors[s:s + 65536].astype(np.float64) @ np.asarray(vector, np.float64)
+                             for s in range(0, len(vectors), 65536)])
+    return rows[np.lexsort((rows, -scores))[:k]].tolist()
 
 
 def main() -> None:
@@ -196,8 +198,9 @@ def main() -> None:
     labels = images["label"].dropna().astype(int).unique()
     pairs = rng.choice(labels, (args.queries - len(picks), 2))
     directions = [store.class_direction(LAYER, int(a), int(b)) for a, b in pairs if a != b]
-    flat_index = store._flat(LAYER, "ip")
-    neighbour_vectors = [flat_index.vectors[flat_index.positions(np.array([store._row_of(p)]))[0]] for p in picks]
+    vec_rows, vectors, _ = store.mean_vectors(LAYER)
+    position = {int(r): i for i, r in enumerate(vec_rows)}
+    neighbour_vectors = [vectors[position[store.row_of(p)]] for p in picks]
     random_dirs = [rng.standard_normal(args.channels) for _ in range(10)]
 
     def run(queries, exact: bool, kind: str):
@@ -224,7 +227,7 @@ def main() -> None:
              [(neighbour_vectors[i], None) for i in range(2)]
     verified = 0
     for q, got in checks:
-        want = brute_force(store, q, 11)
+        want = brute_force(vec_rows, vectors, q, 11)
         got = got if got is not None else store.direction(LAYER, q, k=11, metric="ip")["row_id"].tolist()
         verified += got == want[:len(got)]
     result["exact_verified_against_full_scan"] = f"{verified}/{len(checks)}"
@@ -233,7 +236,8 @@ def main() -> None:
     result["random_direction_exact_p50_ms"] = p50([t for t, _ in rnd_exact])
     result["random_direction_approx_recall_at_10"] = round(float(np.mean(
         [len(set(a) & set(e)) / 10 for (_, a), (_, e) in zip(rnd_approx, rnd_exact)])), 4)
-    faiss_flat = flat_index.index                       # IndexIDMap2(IndexFlatIP): the plain FAISS baseline
+    # the plain FAISS baseline: the store's exact index file (IndexIDMap2(IndexFlatIP)), as any user reads it
+    faiss_flat = faiss.read_index(str(index_dir / "index-flat-ip" / "index.faiss"))
     it = iter(directions)
     t_flat, _ = timed(lambda: faiss_flat.search(np.asarray(next(it), np.float32)[None], 10), 5)
     result["faiss_flat_p50_ms"] = p50(t_flat)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import pipeline
-from pipeline.audit import AuditFailed
+from pipeline.errors import AuditFailed
 from pipeline.data.images import load_image
 from pipeline.errors import PipelineError
 from pipeline.models.digits import DigitsCNN

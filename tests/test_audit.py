@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.audit import AuditFailed, compare, pixels, snapshot
+from pipeline.audit import compare, pixels, snapshot
 from pipeline.audit.html import render_section
 from pipeline.data.clutter import ClutterParams, generate
-from pipeline.errors import PipelineError
+from pipeline.errors import AuditFailed, PipelineError
 from pipeline.runtime import Context
 from pipeline.stages import run_stages
 from tests.conftest import compose_config

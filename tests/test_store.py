@@ -80,7 +80,7 @@ def extract(root, records, layers=LAYERS, shard=0, num_shards=1, part_size=16, s
     store = ActivationStore.open(root, MODEL, create=True, top_k=K, **(store_kwargs or {}))
     plan = store.plan(records, list(layers), shard=shard, num_shards=num_shards)
     for chunk in plan.chunks(part_size):
-        store.write_part(shard, chunk, fake_layers(chunk["image_id"], layers), fake_predictions(chunk))
+        plan.write(chunk, fake_layers(chunk["image_id"], layers), fake_predictions(chunk))
         time.sleep(slow)
     return len(plan)
 
@@ -359,7 +359,40 @@ def test_two_concurrent_shards_equal_single_run(tmp_path):
     assert_same(snapshot(sharded), snapshot(single))
 
 
-def test_rejected_write_part_leaves_no_trace(tmp_path):
+def test_layer_wide_reads_agree_with_the_parquet_files(tmp_path):
+    recs = make_records(range(30))
+    build(tmp_path, recs)
+    build(tmp_path, make_records(range(4, 36)))                 # removed rows and a second generation
+    store = ActivationStore.open(tmp_path, MODEL)
+    images = store.images().set_index("row_id")
+    for layer, (c, _, _) in LAYERS.items():
+        df = layer_frame(tmp_path, layer)
+        means = [f"mean_{j}" for j in range(c)]
+        got, n = store.channel_means(layer)
+        assert n == len(df)
+        np.testing.assert_allclose(got, df[means].to_numpy(np.float64).mean(0), rtol=1e-12)
+        table = store.top_images(layer, 3)
+        assert table["channel"].tolist() == list(range(c))
+        for ch in range(c):
+            want = store.topk(layer, ch, k=3)
+            assert table["top"][ch] == want["image_id"].tolist()
+            assert table["value"][ch] == df[f"max_{ch}"].max() == want["value"][0]
+        rows, vectors, source = store.mean_vectors(layer)
+        assert source == "parquet"
+        order = np.argsort(rows)
+        np.testing.assert_array_equal(rows[order], df["row_id"].to_numpy())
+        np.testing.assert_array_equal(vectors[order], df[means].to_numpy(np.float32))
+        store.build_index(layer, "flat", "ip")
+        rows2, vectors2, source = store.mean_vectors(layer)
+        assert source == "index-flat-ip" and not vectors2.flags.writeable
+        at = {r: i for i, r in enumerate(rows2)}
+        np.testing.assert_array_equal(vectors2[[at[r] for r in rows]], vectors)
+        ids = images.loc[df["row_id"].to_numpy()[::-3], "image_id"].tolist()
+        np.testing.assert_array_equal(store.pooled(layer, ids), df[means].to_numpy(np.float32)[::-3])
+        assert store.pooled(layer, [*ids, "not-an-image"]) is None
+
+
+def test_rejected_write_leaves_no_trace(tmp_path):
     recs = make_records(range(24))
     store = ActivationStore.open(tmp_path, MODEL, create=True, top_k=K)
     plan = store.plan(recs, list(LAYERS))
@@ -368,10 +401,10 @@ def test_rejected_write_part_leaves_no_trace(tmp_path):
         if i == 1:
             bad = {**acts, "fc": {**acts["fc"], "mean": np.full_like(acts["fc"]["mean"], np.nan)}}
             with pytest.raises(PipelineError, match="NaN"):
-                store.write_part(0, chunk, bad, fake_predictions(chunk))
+                plan.write(chunk, bad, fake_predictions(chunk))
             with pytest.raises(PipelineError, match="predictions must be"):
-                store.write_part(0, chunk, acts, {**fake_predictions(chunk), "true_score": np.zeros(3)})
-        store.write_part(0, chunk, acts, fake_predictions(chunk))
+                plan.write(chunk, acts, {**fake_predictions(chunk), "true_score": np.zeros(3)})
+        plan.write(chunk, acts, fake_predictions(chunk))
     store.finalize(recs)
     assert_same(snapshot(tmp_path), snapshot(_fresh(tmp_path / "ref", recs, part_size=8)))
 
@@ -443,7 +476,7 @@ def _vector_store(root, vectors: np.ndarray, dup: int = 0) -> ActivationStore:
     order = {iid: i for i, iid in enumerate(recs["image_id"])}
     for chunk in plan.chunks(256):
         v = vectors[[order[i] for i in chunk["image_id"]]]
-        store.write_part(0, chunk, {"pool": {"max": v, "mean": v, "argmax": np.zeros_like(v, np.int32),
+        plan.write(chunk, {"pool": {"max": v, "mean": v, "argmax": np.zeros_like(v, np.int32),
                                              "hw": (1, 1)}}, fake_predictions(chunk))
     store.finalize(recs)
     return store
@@ -553,14 +586,26 @@ def test_errors_name_the_problem_and_the_fix(tmp_path):
     with pytest.raises(PipelineError, match="lack the column"):
         store.plan(pd.DataFrame({"path": ["a"]}), ["fc"])
     fresh = ActivationStore.open(tmp_path, MODEL)
-    with pytest.raises(PipelineError, match="call store.plan"):
-        fresh.write_part(0, recs.assign(row_id=0), {}, {})
     more = make_records(range(14))
+    ended = fresh.plan(more, ["fc"])
+    fresh.finalize(recs)
+    with pytest.raises(PipelineError, match="finalized since.*call store.plan"):
+        ended.write(ended.records, {}, {})
+    other = fresh.plan(more, ["fc"])
+    extract(tmp_path, more)
+    ActivationStore.open(tmp_path, MODEL).finalize(more)
+    with pytest.raises(PipelineError, match="another store object or process finalized.*call store.plan"):
+        other.write(other.records, {}, {})
+    fresh = ActivationStore.open(tmp_path, MODEL)
+    more = make_records(range(16))
+    replaced = fresh.plan(more, ["fc"])
     plan = fresh.plan(more, ["fc"])
+    with pytest.raises(PipelineError, match="newer plan.*call store.plan"):
+        replaced.write(replaced.records, {}, {})
     chunk = plan.records
     bad = fake_layers(chunk["image_id"], {"fc": (5, 1, 1)})
     with pytest.raises(PipelineError, match="has 3 channels.*but 5.*model changed"):
-        fresh.write_part(0, chunk, bad, fake_predictions(chunk))
+        plan.write(chunk, bad, fake_predictions(chunk))
     empty = ActivationStore.open(tmp_path / "empty", MODEL, create=True)
     with pytest.raises(PipelineError, match="no layers yet.*stage=extract"):
         empty.topk("fc", 0)

@@ -200,6 +200,23 @@ def topk_changes(cur: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------ vectors and pairs ---
 
+def unit_label_changes(cur: pd.DataFrame, base: pd.DataFrame, limit: int = 50) -> dict[str, Any]:
+    """Dissected units whose label changed (another concept, or a label where there was none) and
+    units that lost their concept (labelled before, unlabelled now: the IoU fell under the cut), over
+    the layers dissected in both. Tables of ``layer``, ``unit``, ``label`` (None = unlabelled),
+    ``concept`` (the best one, labelled or not), ``iou``."""
+    both = sorted(set(cur["layer"]) & set(base["layer"]))
+    m = cur[cur["layer"].isin(both)].merge(base[base["layer"].isin(both)], on=["layer", "unit"], suffixes=("", "_b"))
+    m = m.rename(columns={"label_b": "old_label", "iou_b": "old_iou"})
+    was = m["old_label"].map(lambda v: isinstance(v, str)).to_numpy(bool)
+    now = m["label"].map(lambda v: isinstance(v, str)).to_numpy(bool)
+    differ = (m["label"].astype(object).to_numpy() != m["old_label"].astype(object).to_numpy())
+    changed = m[now & (~was | differ)][["layer", "unit", "old_label", "label", "old_iou", "iou"]]
+    lost = m[was & ~now][["layer", "unit", "old_label", "old_iou", "iou", "concept"]]
+    return {"layers": both, "changed": len(changed), "lost": len(lost),
+            "changed_list": _short(changed, limit), "lost_list": _short(lost, limit)}
+
+
 def normalize_rows(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm as contiguous float32 (all-zero rows stay zero)."""
     x = np.array(x, dtype=np.float32, copy=True, order="C")

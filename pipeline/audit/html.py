@@ -137,6 +137,15 @@ def render_section(report: Mapping[str, Any], class_names: Sequence[str] | None 
                                              ("new_in_top", "new images in top-k")],
                         "no baseline to compare with" if not report.get("baseline") else "none compared"))
 
+    units = report.get("unit_labels")
+    if units and units.get("compared"):
+        parts.append(f"<h3>Dissected units: {units['changed']} changed label, {units['lost']} lost their concept</h3>")
+        parts.append(_table(units["changed_list"], [("layer", "layer"), ("unit", "unit"), ("old_label", "was"),
+                                                    ("label", "now"), ("old_iou", "IoU was"), ("iou", "IoU now")]))
+        parts.append(_table(units["lost_list"], [("layer", "layer"), ("unit", "unit"), ("old_label", "was"),
+                                                 ("old_iou", "IoU was"), ("iou", "IoU now"),
+                                                 ("concept", "best concept now")]))
+
     out = report["outliers"]
     parts.append(f"<h3>Outliers ({html.escape(str(out.get('layer')))}, mean cosine distance to "
                  f"{out.get('k')} nearest)</h3>")

@@ -8,6 +8,8 @@ Layout of ``<snapshots>/<timestamp>/``::
     neurons.parquet   one row per (layer, channel): max (spatial max over every image), top (top-k image ids)
     thumbs.npz        image_id, thumbs (N, size*size uint8), size: reused for unchanged images
     reliance.parquet  image_id, method, class, thumb (16x16 map): the next audit's explanation drift
+    units.parquet     layer, unit, label (None under the cut), concept, iou: the dissected units'
+                      labels (stage=dissect), for the next audit's label changes
 
 A snapshot is written into a hidden temporary folder and renamed into place, so a folder without
 a manifest never appears under its final name. ``latest`` is the newest *accepted* snapshot: one
@@ -64,6 +66,16 @@ class Snapshot:
         df["thumb"] = [np.asarray(t, np.float32) for t in df["thumb"]]
         return df
 
+    def unit_labels(self) -> pd.DataFrame | None:
+        """``layer``, ``unit``, ``label``, ``concept``, ``iou`` of the units dissected when this
+        snapshot was taken, or None when none was."""
+        f = self.path / "units.parquet"
+        if not f.exists():
+            return None
+        df = pq.read_table(f).to_pandas()
+        df["label"] = df["label"].astype(object).where(df["label"].notna(), None)
+        return df
+
 
 def _snapshot_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
@@ -109,7 +121,8 @@ def load(path: Path) -> Snapshot:
 
 
 def save(root: Path, manifest: dict[str, Any], images: pd.DataFrame, neurons: pd.DataFrame,
-         thumbs: tuple[np.ndarray, np.ndarray, int] | None, reliance: pd.DataFrame | None = None) -> Path:
+         thumbs: tuple[np.ndarray, np.ndarray, int] | None, reliance: pd.DataFrame | None = None,
+         units: pd.DataFrame | None = None) -> Path:
     """Write a new snapshot under ``root`` atomically; returns its folder."""
     root.mkdir(parents=True, exist_ok=True)
     name = dt.datetime.now().strftime("%Y-%m-%dT%H-%M-%S.%f")
@@ -134,6 +147,13 @@ def save(root: Path, manifest: dict[str, Any], images: pd.DataFrame, neurons: pd
                 "class": pa.array(reliance["class"].to_numpy(np.int64)),
                 "thumb": pa.array([np.asarray(t, np.float32) for t in reliance["thumb"]], pa.list_(pa.float32()))}),
                 tmp / "reliance.parquet", compression="zstd")
+        if units is not None and len(units):
+            pq.write_table(pa.table({
+                "layer": pa.array(units["layer"].astype(str).tolist(), pa.string()),
+                "unit": pa.array(units["unit"].to_numpy(np.int64)),
+                "label": pa.array([v if isinstance(v, str) else None for v in units["label"]], pa.string()),
+                "concept": pa.array(units["concept"].astype(str).tolist(), pa.string()),
+                "iou": pa.array(units["iou"].to_numpy(np.float64))}), tmp / "units.parquet", compression="zstd")
         atomic_write_json(tmp / "manifest.json", {"format": FORMAT, "version": VERSION, "name": name, **manifest})
         final = root / name
         os.replace(tmp, final)

@@ -17,13 +17,16 @@ import pandas as pd
 from PIL import Image
 
 from pipeline.cache import Cache, atomic_write_bytes, make_key, sha256_file
-from pipeline.data.clutter import ClutterParams, generate
+from pipeline.data.clutter import GENERATOR_VERSION, ClutterParams, generate
 from pipeline.data.images import IMAGE_EXTENSIONS, ScanResult, scan_file
 from pipeline.errors import PipelineError, suggest
+from pipeline.settings import plain
 
 log = logging.getLogger(__name__)
 
-RECORD_COLUMNS = ["image_id", "path", "label", "split", "box_x0", "box_y0", "box_x1", "box_y1", "mask"]
+# fragment_boxes: "x0,y0,x1,y1;..." (clutter digits); concepts: extra concept masks "name=mask.png;..."
+RECORD_COLUMNS = ["image_id", "path", "label", "split", "box_x0", "box_y0", "box_x1", "box_y1", "mask",
+                  "fragment_boxes", "concepts"]
 BOX_COLUMNS = ["box_x0", "box_y0", "box_x1", "box_y1"]
 DATA_VERSION = 2  # 2: clutter digits carry object masks
 PHOTO_NAMES = ("chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -55,7 +58,8 @@ def _records(rows: list[dict[str, Any]]) -> pd.DataFrame:
     for c in BOX_COLUMNS:
         df[c] = df[c].astype("float64")
     df["split"] = df["split"].fillna("all").astype(str)
-    df["mask"] = df["mask"].astype(object).where(df["mask"].notna(), None)
+    for c in ("mask", "fragment_boxes", "concepts"):
+        df[c] = df[c].astype(object).where(df[c].notna(), None)
     return df.reset_index(drop=True)
 
 
@@ -114,7 +118,8 @@ def _clutter_params(cfg: Any) -> ClutterParams:
 def clutter_key(cfg: Any) -> str:
     """The clutter-digits dataset's key: generation is a pure function of its parameters, so they
     identify its content (and the key is known without reading the dataset)."""
-    return make_key(kind="data", name="clutter_digits", version=DATA_VERSION, params=_clutter_params(cfg).__dict__)
+    return make_key(kind="data", name="clutter_digits", version=DATA_VERSION, generator=GENERATOR_VERSION,
+                    params=_clutter_params(cfg).__dict__)
 
 
 def _clutter(cfg: Any, cache: Cache) -> DatasetBundle:
@@ -134,7 +139,8 @@ def _clutter(cfg: Any, cache: Cache) -> DatasetBundle:
                 Image.fromarray(item["mask"].astype(np.uint8) * 255, "L").save(tmp / mask)
                 x0, y0, x1, y1 = item["box"]
                 rows.append({"path": str(rel), "label": item["label"], "split": item["split"],
-                             "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1, "mask": str(mask)})
+                             "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1, "mask": str(mask),
+                             "fragment_boxes": ";".join(",".join(map(str, b)) for b in item["fragment_boxes"])})
             table = pd.DataFrame(rows)
             table["image_id"] = [sha256_file(tmp / r) for r in table["path"]]
             table.to_parquet(tmp / "manifest.parquet", index=False)
@@ -235,6 +241,10 @@ def _manifest(cfg: Any, cache: Cache) -> DatasetBundle:
     table["path"] = [os.path.abspath(base / p) for p in table["path"].astype(str)]
     if "mask" in table.columns:
         table["mask"] = [None if pd.isna(m) or not str(m) else os.path.abspath(base / str(m)) for m in table["mask"]]
+    if "concepts" in table.columns:  # "name=mask.png;..." with each path resolved like `mask`
+        table["concepts"] = [None if pd.isna(v) or not str(v).strip() else ";".join(
+            f"{n}={os.path.abspath(base / p.strip())}" if sep else item
+            for item in str(v).split(";") for n, sep, p in [item.partition("=")]) for v in table["concepts"]]
     class_names = None
     if "label" in table.columns and not pd.api.types.is_numeric_dtype(table["label"]):
         class_names = sorted(table["label"].dropna().astype(str).unique())
@@ -303,14 +313,13 @@ def _dataset_rows(dataset: Any, target: str, cache: Cache) -> list[dict[str, Any
 def _custom(cfg: Any, cache: Cache) -> DatasetBundle:
     """The user's callable (``data._target_``, instantiated by Hydra with the config's other keys):
     a list of paths or of records {path, label, split, box, mask}, or a torch Dataset of (image, label)."""
-    from omegaconf import OmegaConf
     from torch.utils.data import Dataset
 
     from pipeline.models.custom import instantiate
 
     target = cfg.get("_target_")
     own = {"source", "_target_", "split", "root"}
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in own}
+    kwargs = {k: v for k, v in plain(cfg).items() if k not in own}
     result = instantiate(target, kwargs, "data")
     split = str(cfg.get("split") or "all")
     class_names = [str(c) for c in getattr(result, "classes", None) or []] or None

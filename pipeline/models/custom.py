@@ -19,6 +19,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from pipeline.errors import PipelineError, suggest
+from pipeline.settings import plain
 from pipeline.models.common import (ModelBundle, image_transform, input_stats, load_checkpoint, load_state,
                                     read_class_names, weights_key)
 
@@ -99,7 +100,7 @@ def _transform_shape(transform: Callable) -> tuple[int, int, int]:
 def build_custom(cfg: Any) -> ModelBundle:
     """The model ``model._target_`` returns, with its transform, input shape, stats and class names."""
     target = cfg.get("_target_")
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in OWN_KEYS}
+    kwargs = {k: v for k, v in plain(cfg).items() if k not in OWN_KEYS}
     module = instantiate(target, kwargs, "model")
     if not isinstance(module, nn.Module):
         raise PipelineError(f"model._target_={target} returned a {type(module).__name__}, not a torch.nn.Module. "
@@ -108,7 +109,7 @@ def build_custom(cfg: Any) -> ModelBundle:
         load_state(module, load_checkpoint(cfg.weights_path, f"model=custom {target}"), f"model={target}")
     tcfg = cfg.get("transform")
     if tcfg:
-        transform = instantiate(tcfg.get("_target_"), {k: v for k, v in OmegaConf.to_container(tcfg, resolve=True)
+        transform = instantiate(tcfg.get("_target_"), {k: v for k, v in plain(tcfg)
                                                        .items() if k != "_target_"}, "model.transform")
         channels, h, w = _transform_shape(transform)
         if cfg.get("image_size") and int(cfg.image_size) not in (h, w):

@@ -56,9 +56,10 @@ def build_report(run_dir: Path, title: str, subtitle: str, source_dir: Path | No
                  sanity: Sequence[rd.SanityResult] | None = None, sanity_note: str = "",
                  max_final_spearman: float = 0.5, max_class_spearman: float = 0.95,
                  max_explained: int | None = None, mode: str = "hardlink",
-                 max_input_spearman: float = 0.8) -> tuple[Path, Assets]:
+                 max_input_spearman: float = 0.8, microscope: str | None = None) -> tuple[Path, Assets]:
     """The report in ``run_dir`` from plain data (overview, store neurons, sanity results) plus what the
-    other stages wrote into ``source_dir`` (default ``run_dir``): explain, visualize and audit outputs.
+    other stages wrote into ``source_dir`` (default ``run_dir``): explain, visualize and audit outputs;
+    ``microscope`` is the model browser's index page relative to ``run_dir`` (None: not built).
     Returns the page's path and its assets."""
     source_dir = source_dir or run_dir
     builder = ReportBuilder(run_dir, mode)
@@ -68,7 +69,7 @@ def build_report(run_dir: Path, title: str, subtitle: str, source_dir: Path | No
         fragment, audit = rd.read_audit(source_dir)
         sections = [
             overview_section(overview, overview_note),
-            neurons_section(neurons, store_note, *rd.read_visualize(source_dir), assets),
+            neurons_section(neurons, store_note, *rd.read_visualize(source_dir), assets, microscope),
             explanations_section(table, assets, max_explained),
             metrics_section(metrics),
             reliance_section(*rd.read_reliance(source_dir, audit), assets),

@@ -96,10 +96,10 @@ PROJECTION_NOTE = ("Projections map a channel's strongest unit back to the image
 
 
 def neurons_section(neurons: Sequence[StoreNeuron] | None, store_note: str, vis: pd.DataFrame | None,
-                    projections: dict[str, Any] | None, assets: Assets) -> Section:
-    """Per layer and neuron: its top images and their receptive-field crops (activation store), its
-    gradient-ascent picture and projections (visualize stage) with their input dependence; then the
-    class pictures."""
+                    projections: dict[str, Any] | None, assets: Assets, browser: str | None = None) -> Section:
+    """A link to the model browser (``browser``, a relative URL) when there is one; per layer and
+    neuron: its top images and their receptive-field crops (activation store), its gradient-ascent
+    picture and projections (visualize stage) with their input dependence; then the class pictures."""
     neurons = list(neurons or [])
     ascent, classes = _vis_rows(vis, "ascent"), _vis_rows(vis, "class")
     projected = {kind: _vis_rows(vis, kind) for kind in PROJECTION_KINDS}
@@ -109,6 +109,9 @@ def neurons_section(neurons: Sequence[StoreNeuron] | None, store_note: str, vis:
         for layer, channel in zip(frame["layer"], frame["channel"]):
             order.setdefault((str(layer), int(channel)), None)
     parts: list[str] = []
+    if browser is not None:
+        parts.append(f'<p class="browser">{link(browser, "Model browser")}: every unit of every layer, with '
+                     "its top images, feature visualisation, projections and concept label.</p>")
     if not neurons:
         parts.append(note(store_note or "No activation store: run stage=extract for top images and crops."))
     if vis is None:

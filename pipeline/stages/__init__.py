@@ -12,17 +12,17 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pipeline.audit import AuditFailed
 from pipeline.config_check import check_config
-from pipeline.errors import PipelineError, suggest
+from pipeline.errors import AuditFailed, PipelineError, suggest
 from pipeline.runtime import Context
 
-STAGES = ("train", "layers", "methods", "extract", "index", "query", "explain", "visualize", "report", "audit")
+STAGES = ("train", "layers", "methods", "extract", "index", "dissect", "query", "explain", "visualize", "report", "audit")
 # the stages that cannot run on a model without forward hooks (a TorchScript file), and why; in the
 # others, the methods that need hooks say so themselves (NotApplicable)
 NEEDS_HOOKS = {
     "extract": "records layer activations with forward hooks",
     "index": "indexes the layer activations that stage=extract records with forward hooks",
+    "dissect": "records layer maps with forward hooks",
     "query": "reads the layer activations that stage=extract records with forward hooks",
     "visualize": "runs gradient ascent and deconvnet projections through forward hooks on a layer",
     "audit": "compares the layer activations that stage=extract records with forward hooks",
@@ -52,7 +52,7 @@ def check_hooks(ctx: Context, names: list[str]) -> None:
 
 
 # the stages that read an activation store an earlier stage=extract must have written
-NEEDS_STORE = ("index", "query", "audit")
+NEEDS_STORE = ("index", "dissect", "query", "audit")
 
 
 def check_store(ctx: Context, names: list[str]) -> None:

@@ -5,7 +5,8 @@ snapshot (``audit.baseline``: ``latest``, a snapshot folder, or null), writes
 ``<run>/audit/audit.json`` and ``<run>/audit/section.html`` (included in the run's report), and
 saves a new snapshot under ``audit.snapshots``. It covers: files added, removed, changed or
 relabelled; accuracy overall, per split and per class; prediction flips; localisation per class;
-dead neurons; the neurons whose top-k image set changed most; k-NN outliers in the last extracted
+dead neurons; the neurons whose top-k image set changed most; dissected units (stage=dissect) whose
+label changed or that lost their concept; k-NN outliers in the last extracted
 layer; exact and near-duplicate pairs across splits (train/test leakage); and labels that disagree
 with a confident prediction. ``audit.fail_on`` limits turn findings into a failure: the stage then
 raises :class:`pipeline.audit.AuditFailed` after writing everything.
@@ -17,24 +18,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as ds
 
-from pipeline.audit import AuditFailed, compare, pixels, snapshot
+from pipeline.audit import compare, pixels, snapshot
 from pipeline.audit.html import render_section
-from pipeline.cache import atomic_write_bytes, atomic_write_json, read_manifest
-from pipeline.errors import PipelineError, suggest
+from pipeline.cache import atomic_write_bytes, atomic_write_json
+from pipeline.errors import AuditFailed, PipelineError, suggest
 from pipeline.explaining import explain_split, method_names, reliance_rules
 from pipeline.reliance.assess import assess, thumbs_table
 from pipeline.reliance.backgrounds import causal_section
 from pipeline.reliance.summary import drift
 from pipeline.runtime import Context
-from pipeline.store import ActivationStore, layer_dirname
-from pipeline.store.layout import META
-from pipeline.store.search import INDEX_FILE, index_dirname
-from pipeline.store.topk import PAD_ROW, TopK
+from pipeline.store import ActivationStore
+from pipeline.store.dissect import read_unit_labels
 
 EMBEDDINGS = ("pixels", "features")
 CHECKS = {
@@ -72,44 +69,11 @@ def layers_in_model_order(ctx: Context, names: list[str]) -> list[str]:
 
 
 def neuron_table(store: ActivationStore, layers: list[str], k: int) -> pd.DataFrame:
-    """Per (layer, channel): the spatial max over every image and the top-``k`` image ids (by max).
-
-    Read from each layer's stored top-K arrays (``.meta/<layer>/topk.npz``) in one go: the same
-    lookup as ``store.topk`` per channel, without a table per channel (wide layers have thousands).
-    """
-    stored = store.images().sort_values("row_id")
-    rows_sorted = stored["row_id"].to_numpy(np.int64)
-    ids_sorted = stored["image_id"].astype(str).to_numpy(dtype=object)
-    frames = []
-    for layer in layers:
-        with np.load(store.root / META / layer_dirname(layer) / "topk.npz") as z:
-            top = TopK.from_arrays(z, "max")
-        rows = top.rows[:, :k]
-        at = np.searchsorted(rows_sorted, rows).clip(0, len(rows_sorted) - 1)
-        valid = (rows != PAD_ROW) & (rows_sorted[at] == rows)
-        ids = ids_sorted[at]
-        maxima = np.where(valid[:, 0], top.values[:, 0], -np.inf)
-        frames.append(pd.DataFrame({"layer": layer, "channel": np.arange(top.channels), "max": maxima,
-                                    "top": [ids[c][valid[c]].tolist() for c in range(top.channels)]}))
-    return pd.concat(frames, ignore_index=True)
-
-
-def layer_vectors(store: ActivationStore, layer: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """Row ids and mean (pooled) vectors of ``layer``: read from its up-to-date exact inner-product
-    FAISS index, else from the Parquet mean columns. Returns (row_ids, vectors, source).
-
-    The cosine index is not used: it holds normalised vectors, and the audit centres the raw ones.
-    """
-    folder = store.root / META / layer_dirname(layer) / index_dirname("flat", "ip")
-    m = read_manifest(folder)
-    if m and m.get("state") == store.manifest["layers"][layer]["state"]:
-        index = faiss.read_index(str(folder / INDEX_FILE))
-        vectors = faiss.downcast_index(index.index).reconstruct_n(0, index.ntotal)
-        return faiss.vector_to_array(index.id_map).astype(np.int64), vectors, "index-flat-ip"
-    cols = [f"mean_{j}" for j in range(store.channels(layer))]
-    table = ds.dataset(store.root / layer_dirname(layer), format="parquet").to_table(columns=["row_id", *cols])
-    vectors = np.stack([table.column(c).to_numpy().astype(np.float32) for c in cols], axis=1)
-    return table.column("row_id").to_numpy().astype(np.int64), vectors, "parquet"
+    """Per (layer, channel): the spatial max over every image and the top-``k`` image ids (by max),
+    from the store's top-K table of each layer (the same lookup as ``store.topk`` per channel)."""
+    frames = [store.top_images(layer, k, by="max").rename(columns={"value": "max"}).assign(layer=layer)
+              for layer in layers]
+    return pd.concat(frames, ignore_index=True)[["layer", "channel", "max", "top"]]
 
 
 def pixel_embeddings(images: pd.DataFrame, size: int,
@@ -212,11 +176,28 @@ def neuron_sections(store: ActivationStore, neurons: pd.DataFrame, base: snapsho
     return dead_section, topk_section
 
 
+def unit_label_section(store: ActivationStore, layers: list[str], base: snapshot.Snapshot | None,
+                       listed: int) -> tuple[dict[str, Any], pd.DataFrame | None]:
+    """The dissected units' labels now (layers stage=dissect has labelled) against the baseline's:
+    changed labels and lost concepts; and the table to snapshot (None when nothing is dissected)."""
+    frames = []
+    for layer in layers:
+        labels = read_unit_labels(store, layer)
+        if labels is not None:
+            frames.append(labels[["unit", "label", "concept", "iou"]].assign(layer=layer))
+    now = pd.concat(frames, ignore_index=True) if frames else None
+    old = base.unit_labels() if base is not None else None
+    section: dict[str, Any] = {"dissected": [] if now is None else sorted(set(now["layer"])), "compared": False}
+    if now is not None and old is not None:
+        section.update(compare.unit_label_changes(now, old, listed), compared=True)
+    return section, now
+
+
 def outlier_section(store: ActivationStore, layer: str, images: pd.DataFrame, k: int,
                     listed: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """k-NN outliers in ``layer``'s pooled vectors; also returns the image ids and centred vectors
     of the images still in the dataset (for feature-level duplicate search)."""
-    rows, vectors, source = layer_vectors(store, layer)
+    rows, vectors, source = store.mean_vectors(layer)  # raw vectors: the audit centres them itself
     stored = store.images()
     image_of_row = pd.Series(stored["image_id"].astype(str).to_numpy(), index=stored["row_id"].to_numpy())
     ids = image_of_row.reindex(rows).to_numpy(dtype=object)
@@ -402,6 +383,7 @@ def run(ctx: Context) -> dict[str, Any]:
                                                                      int(acfg.topk_report))
     t = _timed(seconds, "neurons", t)
 
+    report["unit_labels"], units = unit_label_section(store, layers, base, listed)
     report["outliers"], feature_ids, features = outlier_section(store, layer, images, int(acfg.outliers.k),
                                                                 int(acfg.outliers.count))
     t = _timed(seconds, "outliers", t)
@@ -431,7 +413,7 @@ def run(ctx: Context) -> dict[str, Any]:
                     "reliance": {"per_class": report["reliance"].get("per_class", []),
                                  "causal": report["reliance"].get("causal") or []},
                     "regressions": regressions, "accepted": not regressions or not enforce}
-        report["snapshot"] = str(snapshot.save(root, manifest, images, neurons, thumbs, reliance_thumbs))
+        report["snapshot"] = str(snapshot.save(root, manifest, images, neurons, thumbs, reliance_thumbs, units))
     _timed(seconds, "checks_and_snapshot", t)
     seconds["total"] = round(time.perf_counter() - start, 3)
     report["seconds"] = seconds
@@ -446,6 +428,8 @@ def run(ctx: Context) -> dict[str, Any]:
               "dead_neurons": report["dead_neurons"]["total"],
               "duplicates_across_splits": report["duplicates"]["across_splits"],
               "label_noise": report["label_noise"]["count"], "report": str(out_dir / "audit.json"),
+              "units_relabelled": report["unit_labels"].get("changed"),
+              "units_lost_concept": report["unit_labels"].get("lost"),
               "flagged_classes": report["reliance"].get("flagged_classes"),
               "snapshot": report["snapshot"]}
     if regressions and enforce:

@@ -90,13 +90,13 @@ def run(ctx: Context) -> dict[str, Any]:
     # Each part is written by a background thread while the model runs on the next chunk (Parquet
     # encoding and the top-K merge release the GIL); at most one write is in flight, in order.
     with tqdm(total=len(plan), desc="extract", unit="img", disable=None if ctx.progress else True) as bar, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="write_part") as writer:
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan_write") as writer:
         pending: Future | None = None
         for chunk in plan.chunks(int(cfg.part_size)):
             layer_arrays, preds = extract_chunk(ctx, chunk, layers, bar)
             if pending is not None:
                 pending.result()
-            pending = writer.submit(store.write_part, shard, chunk, layer_arrays, preds)
+            pending = writer.submit(plan.write, chunk, layer_arrays, preds)
         if pending is not None:
             pending.result()
     seconds = time.perf_counter() - start

@@ -11,7 +11,8 @@ from pipeline.data.images import load_image
 from pipeline.errors import PipelineError
 from pipeline.methods.base import NotApplicable
 from pipeline.methods.registry import METHODS, make_method
-from pipeline.runtime import Context, plain, show
+from pipeline.runtime import Context, show
+from pipeline.settings import plain
 
 
 def run(ctx: Context) -> dict[str, Any]:

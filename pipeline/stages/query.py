@@ -1,5 +1,6 @@
 """stage=query: top-k images of a neuron, images along a direction, nearest neighbours of an image,
-or the top neurons of one image. Prints the table, saves it, and saves a PNG grid of the images
+the top neurons of one image, or the units that detect a concept (after stage=dissect). Prints the
+table, saves it, and saves a PNG grid of the images
 and of receptive-field crops around each activation's argmax (Zeiler & Fergus's top-9 patches)."""
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import pandas as pd
 from pipeline.errors import PipelineError
 from pipeline.runtime import Context, show
 from pipeline.selection import class_index
+from pipeline.store.dissect import concept_units
 from pipeline.views import save_topk_grid
 
-QUERY_TYPES = ("topk", "direction", "neighbours", "neurons")
+QUERY_TYPES = ("topk", "direction", "neighbours", "neurons", "concept")
 
 
 def _direction_vector(ctx: Context, store: Any, layer: str) -> tuple[np.ndarray, str]:
@@ -39,6 +41,8 @@ def run_query(ctx: Context) -> tuple[pd.DataFrame, str, str]:
     k = int(cfg.k)
     if kind == "topk":
         return store.topk(layer, int(cfg.channel), k, by=str(cfg.by)), layer, f"top-{k} of {layer}[{cfg.channel}]"
+    if kind == "concept":
+        return _concept_query(ctx, store, k)
     if kind == "neurons":
         if not cfg.image:
             raise PipelineError("query.type=neurons needs query.image=<image id or path>.")
@@ -50,6 +54,24 @@ def run_query(ctx: Context) -> tuple[pd.DataFrame, str, str]:
     if not cfg.image:
         raise PipelineError("query.type=neighbours needs query.image=<image id or path>.")
     return store.neighbours(layer, str(cfg.image), k, exact=exact), layer, f"neighbours of {cfg.image} in {layer}"
+
+
+def _concept_query(ctx: Context, store: Any, k: int) -> tuple[pd.DataFrame, str, str]:
+    """The k units (of query.layer, or of every dissected layer) with the highest IoU with
+    query.concept, each with its top image (by spatial max) and that image's argmax position."""
+    cfg = ctx.cfg.query
+    if cfg.concept is None:
+        raise PipelineError("query.type=concept needs query.concept=<name> (a class such as 3, fragment, background).")
+    layers = [str(cfg.layer)] if cfg.layer else store.layers()
+    if cfg.layer:
+        store.channels(str(cfg.layer))  # an unknown layer: one line with close matches
+    concept = str(cfg.concept)
+    units = concept_units(store, layers, concept).head(k)
+    tops = [store.topk(layer, int(unit), 1).iloc[0] for layer, unit in zip(units["layer"], units["unit"])]
+    for col in ("image_id", "path", "value", "y", "x"):
+        units[col] = [t[col] for t in tops]
+    one = units["layer"].nunique() == 1
+    return units, str(units["layer"].iloc[0]) if one else "layers", f"units detecting {concept!r}"
 
 
 def _image_path(ctx: Context) -> str:
@@ -78,7 +100,8 @@ def run(ctx: Context) -> dict[str, Any]:
     if cfg.grid and len(table):
         grid_path = out / f"{stem}.png"
         paths = table["path"].tolist() if "path" in table else [_image_path(ctx)] * len(table)
-        hw = ctx.store().hw(layer) if {"y", "x"} <= set(table.columns) else None
+        one_layer = "layer" not in table or table["layer"].nunique() == 1  # crops need one layer
+        hw = ctx.store().hw(layer) if {"y", "x"} <= set(table.columns) and one_layer else None
         save_topk_grid(ctx.model, paths, layer, table if hw else None, hw, grid_path)
         result["grid"] = str(grid_path)
     return result

@@ -7,6 +7,8 @@ deconvnet pictures from stage=visualize), every explained image with each method
 and cached under ``cache/artifacts/sanity/``) and the audit section (stage=audit). Pictures and raw
 artifacts are hard-linked (or copied) beside the page; a section whose stage did not run says so.
 ``report.source`` reads another run folder's stage outputs (``latest``: the newest one that has any).
+``report.microscope`` adds the model browser (``<run>/microscope/``, :mod:`pipeline.report.microscope`):
+every unit of the store's layers with its pictures (:mod:`pipeline.report.units`) and concept labels.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig
-from torchvision.transforms.functional import to_pil_image
 from tqdm.auto import tqdm
 
 from pipeline.cache import atomic_write_json, make_key
@@ -34,18 +35,18 @@ from pipeline.methods.sanity import parameter_layers
 from pipeline.report import build_report
 from pipeline.report import sanity as rs
 from pipeline.report.assets import LINK_MODES
+from pipeline.report.microscope import FOLDER, INDEX, build_microscope
 from pipeline.report.data import (Overview, SanityResult, StoreNeuron, accuracy_tables, read_explain,
                                   read_quarantine, read_visualize)
-from pipeline.runtime import Context, images_to_tensor, model_view, plain
+from pipeline.runtime import Context, images_to_tensor
+from pipeline.settings import plain
+from pipeline.report.units import browser_layer, layer_crops, top_table
 from pipeline.store import ActivationStore
-from pipeline.views import CROP_SIZE, rf_crops
 
 log = logging.getLogger(__name__)
 
 SANITY_VERSION = 2
 SANITY_KIND = "artifacts/sanity"
-CROPS_VERSION = 1
-CROPS_KIND = "artifacts/report_crops"
 STAGE_OUTPUTS = ("explain/artifacts.parquet", "visualize/index.parquet", "audit/audit.json")
 
 
@@ -104,8 +105,9 @@ def open_store(ctx: Context) -> tuple[ActivationStore | None, str]:
 
 # ------------------------------------------------------------------------------ neurons ---
 
-def report_layers(ctx: Context, store: ActivationStore, spec: Any) -> list[str]:
-    """Layers to show: names or globs among the store's layers (null = all of them), in model order."""
+def report_layers(ctx: Context, store: ActivationStore, spec: Any, key: str = "report.layers") -> list[str]:
+    """Layers to show: names or globs among the store's layers (null = all of them), in model order;
+    ``key`` names the setting in errors."""
     available = store.layers()
     order = {name: i for i, (name, _) in enumerate(ctx.model.module.named_modules())}
     if spec is None:
@@ -115,7 +117,7 @@ def report_layers(ctx: Context, store: ActivationStore, spec: Any) -> list[str]:
         for pattern in [spec] if isinstance(spec, str) else list(spec):
             hits = [n for n in available if fnmatch.fnmatchcase(n, str(pattern))]
             if not hits:
-                raise PipelineError(f"report.layers: {pattern!r} matches no layer of the activation store "
+                raise PipelineError(f"{key}: {pattern!r} matches no layer of the activation store "
                                     f"({', '.join(available)}).{suggest(str(pattern), available)} Extract it "
                                     "first (stage=extract extract.layers=[...]) or pick one of those.")
             chosen += [h for h in hits if h not in chosen]
@@ -149,14 +151,7 @@ def store_neurons(ctx: Context, store: ActivationStore, vis: pd.DataFrame | None
     out: list[StoreNeuron] = []
     for layer in report_layers(ctx, store, plain(rcfg.layers)):
         channels = report_channels(store, layer, plain(rcfg.channels), int(rcfg.n_channels), top_k, vis)
-        tables = []
-        for c in channels:
-            t = store.topk(layer, c, k=top_k, by="max")
-            present = t["path"].map(lambda p: Path(p).is_file())
-            if not present.all():
-                log.warning("report: %d top image(s) of %s:%d are no longer on disk; left out", int((~present).sum()),
-                            layer, c)
-            tables.append((c, t[present].reset_index(drop=True)))
+        tables = [(c, top_table(store, layer, c, top_k)) for c in channels]
         crops = layer_crops(ctx, store, layer, tables)
         start = 0
         for c, t in tables:
@@ -168,28 +163,26 @@ def store_neurons(ctx: Context, store: ActivationStore, vis: pd.DataFrame | None
     return out
 
 
-def layer_crops(ctx: Context, store: ActivationStore, layer: str, tables: list[tuple[int, pd.DataFrame]]) -> list[str]:
-    """PNG paths of the receptive-field crops of every (channel, top image) of ``layer``, in order."""
-    rows = pd.concat([t for _, t in tables], ignore_index=True) if tables else pd.DataFrame()
-    if rows.empty:
-        return []
-    model = ctx.model
-    units = [[c, t["image_id"].astype(str).tolist(), t["y"].astype(int).tolist(), t["x"].astype(int).tolist()]
-             for c, t in tables]
-    key = make_key(kind="report_crops", version=CROPS_VERSION, model=model.key, layer=layer, size=CROP_SIZE,
-                   units=units)
-    folder = ctx.cache.get(CROPS_KIND, key, fanout=True)
-    if folder is None:
-        unique = list(dict.fromkeys(rows["path"]))
-        views = model_view(model, images_to_tensor(unique, model.transform))
-        index = {p: i for i, p in enumerate(unique)}
-        crops = rf_crops(model, views[[index[p] for p in rows["path"]]], layer, rows["y"].to_numpy(),
-                         rows["x"].to_numpy(), store.hw(layer), CROP_SIZE).clamp(0, 1).cpu()
-        with ctx.cache.write(CROPS_KIND, key, {"layer": layer, "crops": len(crops)}, fanout=True) as tmp:
-            for j, crop in enumerate(crops):
-                to_pil_image(crop).save(tmp / f"{j}.png")
-        folder = ctx.cache.path(CROPS_KIND, key, fanout=True)
-    return [str(folder / f"{j}.png") for j in range(len(rows))]
+# --------------------------------------------------------------------------- microscope ---
+
+def microscope(ctx: Context, store: ActivationStore | None, mcfg: DictConfig, title: str, mode: str
+               ) -> dict[str, Any] | None:
+    """The model browser (``<run>/microscope/``): every unit of the configured layers, each picture a
+    cached artifact. None when it is off or there is no activation store to browse."""
+    if not bool(mcfg.enabled):
+        return None
+    if store is None:
+        log.warning("report: no model browser without an activation store (run stage=extract first)")
+        return None
+    top_k, budget = int(mcfg.top_k), int(mcfg.visualize)
+    layers = [browser_layer(ctx, store, layer, top_k, budget)
+              for layer in tqdm(report_layers(ctx, store, plain(mcfg.layers), "report.microscope.layers"),
+                                desc="microscope", unit="layer", disable=None if ctx.progress else True)]
+    result = build_microscope(ctx.run_dir, title, layers, mode)
+    if result["missing_files"]:
+        log.warning("report: the model browser misses %d file(s) (first: %s)", result["missing_files"],
+                    result["missing"][0])
+    return result
 
 
 # ------------------------------------------------------------------------------- sanity ---
@@ -315,12 +308,14 @@ def run(ctx: Context) -> dict[str, Any]:
         sanity, sanity_note = [], "Sanity checks are off (report.sanity.enabled=false)."
     model, data = ctx.model, ctx.dataset
     title = str(rcfg.title) if rcfg.get("title") else f"{model.name} on {data.name}"
+    browser = microscope(ctx, store, rcfg.microscope, title, mode)
     subtitle = (f"run {ctx.run_dir} · {time.strftime('%Y-%m-%d %H:%M')}"
                 + (f" · stage outputs from {source}" if source != ctx.run_dir else ""))
     max_explained = None if rcfg.get("max_explained") is None else int(rcfg.max_explained)
     page, assets = build_report(ctx.run_dir, title, subtitle, source, ov, "", neurons, store_note, sanity, sanity_note,
                                 float(scfg.max_final_spearman), float(scfg.max_class_spearman), max_explained, mode,
-                                float(scfg.max_input_spearman))
+                                float(scfg.max_input_spearman),
+                                microscope=f"{FOLDER}/{INDEX}" if browser else None)
     failed = [r.method for r in sanity if r.status == "fail"]
     for r in sanity:
         if r.status == "fail":
@@ -330,7 +325,9 @@ def run(ctx: Context) -> dict[str, Any]:
         "report": str(page), "source": str(source), "neurons": len(neurons),
         "explained_images": 0 if table is None else int(table["image_id"].nunique()),
         "files": len([u for u in assets.placed.values() if u]), "missing_files": len(assets.missing),
-        "sanity": {r.method: r.status for r in sanity}, "sanity_failed": ",".join(failed) or "none"}
+        "sanity": {r.method: r.status for r in sanity}, "sanity_failed": ",".join(failed) or "none",
+        "microscope": None if browser is None else browser["index"],
+        **({} if browser is None else {f"microscope_{k}": browser[k] for k in ("pages", "units", "missing_files")})}
     if assets.missing:
         log.warning("report: %d linked file(s) are missing (first: %s)", len(assets.missing), assets.missing[0])
     return result

@@ -29,28 +29,26 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import ListConfig
 
-from pipeline.artifacts import Artifact, artifact_key, read_artifact
+from pipeline.ascent_pictures import channel_objectives, render_cached
 from pipeline.cache import atomic_write_json
 from pipeline.data.loader import record_loader
 from pipeline.errors import PipelineError, suggest
 from pipeline.methods.activations import channel_stats
-from pipeline.methods.ascent import channel, class_objective, objective_values, render, truncated_forward
+from pipeline.methods.ascent import class_objective
+from pipeline.methods.hooks import truncated_forward
 from pipeline.models import ModelBundle
 from pipeline.projections import channel_projections, resolve_deconv_mode, resolve_projections
-from pipeline.runtime import Context, plain
+from pipeline.runtime import Context
+from pipeline.settings import plain
 from pipeline.selection import class_index
-from pipeline.store.layout import layer_dirname
-from pipeline.views import grid, load_png, safe_name, save_png, write_picture
+from pipeline.views import grid, load_png, safe_name, save_png
 
 log = logging.getLogger(__name__)
 
-ASCENT_VERSION = 1
 PROJECTIONS_FILE = "projections.json"
-ACTIVATIONS = (torch.nn.ReLU, torch.nn.ReLU6)
 
 
 # ------------------------------------------------------------------------------ selection ---
@@ -149,29 +147,6 @@ def resolve_classes(spec: Any, class_names: Sequence[str], all_up_to: int) -> li
     return out
 
 
-def pre_activation(module: torch.nn.Module, layer: str) -> str:
-    """The layer whose output is the input of ``layer``'s final ReLU/ReLU6, where the module
-    structure shows it: a ReLU that follows a sibling in a Sequential (digits' ``features.relu4``
-    -> ``features.conv4``), or a Sequential that ends in one (EfficientNet's ``head`` ->
-    ``head.bn``); otherwise ``layer`` itself (e.g. a residual block's sum)."""
-    modules = dict(module.named_modules())
-    m = modules[layer]
-    prefix = f"{layer}." if layer else ""
-    if isinstance(m, torch.nn.Sequential) and len(m) > 0:
-        last = [n for n, _ in m.named_children()][-1]
-        inner = pre_activation(module, prefix + last)
-        if inner != prefix + last:
-            return inner
-    if isinstance(m, ACTIVATIONS) and layer:
-        parent, _, child = layer.rpartition(".")
-        if isinstance(modules[parent], torch.nn.Sequential):
-            names = [n for n, _ in modules[parent].named_children()]
-            i = names.index(child)
-            if i > 0:
-                return f"{parent}.{names[i - 1]}" if parent else names[i - 1]
-    return layer
-
-
 # ------------------------------------------------------------------- channel statistics ---
 
 @dataclass
@@ -199,16 +174,6 @@ def store_for(ctx: Context, layer: str) -> Any:
                     layer, ", ".join(store.layers()) or "none")
         return None
     return store
-
-
-def store_channel_means(store: Any, layer: str) -> tuple[np.ndarray, int]:
-    """Mean over all stored images of each channel's per-image mean activation, read from the
-    layer's Parquet dataset (one ``mean_<c>`` column per channel)."""
-    c = store.channels(layer)
-    table = pq.read_table(store.root / layer_dirname(layer), columns=[f"mean_{j}" for j in range(c)])
-    means = np.array([table.column(j).to_numpy().astype(np.float64).mean() if table.num_rows else 0.0
-                      for j in range(c)])
-    return means, table.num_rows
 
 
 def sample_stats(ctx: Context, layer: str, n: int) -> LayerStats:
@@ -249,59 +214,6 @@ def top_images(stats: LayerStats, store: Any, layer: str, c: int, k: int, hw: tu
     return df[df["value"] > 0].reset_index(drop=True)
 
 
-# ---------------------------------------------------------------------- artifact writing ---
-
-def ascent_params(cfg: DictConfig, model: ModelBundle) -> dict[str, Any]:
-    """The render keyword arguments from ``visualize.ascent`` (all of them change the picture)."""
-    a = cfg.ascent
-    return {"steps": int(a.steps), "lr": float(a.lr), "param": str(a.param), "decorrelate": bool(a.decorrelate),
-            "transforms": None if bool(a.transforms) else [], "l2": float(a.l2), "tv": float(a.tv),
-            "blur_every": int(a.blur_every), "blur_sigma": float(a.blur_sigma), "seed": int(a.seed),
-            "mean": list(model.mean), "std": list(model.std)}
-
-
-def render_cached(ctx: Context, method: str, names: list[dict[str, Any]], objectives: list[Any],
-                  ) -> list[Artifact]:
-    """Ascent pictures for ``objectives`` (one cached artifact each, keyed by ``names[i]``); the
-    missing ones are rendered together in one batch."""
-    model = ctx.model
-    params = ascent_params(ctx.cfg.visualize, model)
-    key_params = {**params, "transforms": "standard" if params["transforms"] is None else "none",
-                  "shape": list(model.input_shape)}
-    keys = [artifact_key(method, ASCENT_VERSION, {**key_params, **n}, model.key, "") for n in names]
-    arts: list[Artifact | None] = [read_artifact(ctx.cache, method, k) for k in keys]
-    todo = [i for i, a in enumerate(arts) if a is None]
-    if todo:
-        log.info("visualize: rendering %d %s picture(s), %d steps", len(todo), method, params["steps"])
-        pictures = render(model.module, [objectives[i] for i in todo], model.input_shape, **params,
-                          progress=ctx.progress).cpu()
-        values = objective_values(model.module, [objectives[i] for i in todo], pictures.to(ctx.device),
-                                  mean=model.mean, std=model.std).cpu()
-        extra = class_confidences(model, pictures, [names[i].get("class_index") for i in todo])
-        for j, i in enumerate(todo):
-            meta = {**names[i], "objective": objectives[i].name, "objective_value": float(values[j]),
-                    "params": key_params, **extra[j]}
-            arts[i] = write_picture(ctx.cache, method, keys[i], pictures[j].numpy(), pictures[j], meta)
-    return [a for a in arts if a is not None]
-
-
-def class_confidences(model: ModelBundle, pictures: torch.Tensor, classes: list[int | None]) -> list[dict[str, Any]]:
-    """For class pictures: the model's softmax probability of the class and its predicted class."""
-    if all(k is None for k in classes):
-        return [{} for _ in classes]
-    ref = next(model.module.parameters())
-    m = torch.as_tensor(model.mean, dtype=torch.float32, device=ref.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(model.std, dtype=torch.float32, device=ref.device).view(1, -1, 1, 1)
-    with torch.no_grad():
-        probs = model.module((pictures.to(ref.device) - m) / s).softmax(1).cpu()
-    out = []
-    for p, k in zip(probs, classes):
-        pred = int(p.argmax())
-        out.append({} if k is None else {"confidence": float(p[k]), "predicted": pred,
-                                         "predicted_name": model.class_names[pred]})
-    return out
-
-
 # ------------------------------------------------------------------------------------ run ---
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -329,7 +241,7 @@ def run(ctx: Context) -> dict[str, Any]:
     if store is None:
         stats = sample_stats(ctx, layer, int(cfg.sample))
     elif chosen is None:
-        means, n_rows = store_channel_means(store, layer)
+        means, n_rows = store.channel_means(layer)
         stats = LayerStats("store", n_rows, means)
     else:
         stats = LayerStats("store", int(store.manifest["n_images"]), None)
@@ -374,14 +286,9 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 def channel_ascent(ctx: Context, layer: str, chosen: list[int], out_dir: Path) -> list[dict[str, Any]]:
-    """Gradient-ascent picture of each channel (one batch), their grid and index rows.
-
-    With ``ascent.pre_relu`` the objective is the channel before the layer's final ReLU/ReLU6 (as
-    Lucid's ``*_pre_relu`` layers): a ReLU channel that is zero on the starting image has no
-    gradient to climb, and ReLU6 stops rewarding the channel at 6."""
-    target = pre_activation(ctx.model.module, layer) if bool(ctx.cfg.visualize.ascent.pre_relu) else layer
-    names = [{"layer": layer, "channel": c, "objective_layer": target} for c in chosen]
-    arts = render_cached(ctx, "ascent", names, [channel(target, c) for c in chosen])
+    """Gradient-ascent picture of each channel (one batch; objectives as
+    :func:`~pipeline.ascent_pictures.channel_objectives` makes them), their grid and index rows."""
+    arts = render_cached(ctx, "ascent", *channel_objectives(ctx, layer, chosen))
     path = out_dir / f"ascent__{safe_name(layer)}.png"
     save_png(grid([load_png(a.overlay_path) for a in arts], nrow=min(len(arts), 8)), path)
     return [{"kind": "ascent", "layer": layer, "channel": c, "value": a.meta["objective_value"],

@@ -14,15 +14,16 @@ Layout of one store (``<cache>/store/<model_key>/``)::
 
 Layer folders hold only complete parts, so DuckDB (``read_parquet('<layer>/*.parquet')``), pandas
 and Polars read them and ``images.parquet`` with no project code. Row ids are stable per image id.
+Code outside this package reads a store only through :class:`ActivationStore`.
 
 Writing (the extract stage)::
 
     store = ActivationStore.open(root, model_key, create=True, top_k=100, dtype="float32")
     plan = store.plan(records, layers, shard=0, num_shards=1)   # records: image_id, path, label, split
     for chunk in plan.chunks(part_size):                        # chunk: row_id, image_id, path, label, split
-        store.write_part(plan.shard, chunk,
-                         {layer: {"max": (N, C), "mean": (N, C), "argmax": (N, C), "hw": (H, W)}},
-                         {"prediction": (N,), "top5_ids": (N, 5), "top5_scores": (N, 5), "true_score": (N,)})
+        plan.write(chunk,
+                   {layer: {"max": (N, C), "mean": (N, C), "argmax": (N, C), "hw": (H, W)}},
+                   {"prediction": (N,), "top5_ids": (N, 5), "top5_scores": (N, 5), "true_score": (N,)})
     store.finalize(records)          # once, after every shard has finished
     store.build_index(layer, kind="flat" | "ivf" | "hnsw", metric="ip" | "cosine", **params)
 
@@ -30,8 +31,9 @@ Writing (the extract stage)::
   another model.
 * ``plan`` returns the shard's records that need the model (new images, a requested layer missing,
   label changed), sorted by image id, shard = crc32(image_id) mod num_shards, with row ids.
-* ``write_part`` is atomic per part; a run killed at any point and re-run (plan again, write the
-  chunks it yields) ends with the same store as an uninterrupted run.
+* ``plan.write`` is atomic per part; a run killed at any point and re-run (plan again, write the
+  chunks it yields) ends with the same store as an uninterrupted run. A plan writes until the
+  store is finalized or the same shard is planned again; after that ``write`` raises.
 * ``finalize`` merges shard journals and top-Ks, drops images no longer in ``records`` (or whose
   bytes changed, i.e. whose image id is gone), compacts parts, and commits; a no-op when nothing
   changed. ``build_index`` rebuilds only when the layer's parts changed (or the params did).
@@ -40,6 +42,10 @@ Queries::
 
     store.layers(); store.channels(layer); store.hw(layer); store.images()
     store.topk(layer, channel, k=5, by="max")        # row_id, image_id, path, label, value, y, x
+    store.top_images(layer, k, by="max")             # every channel: channel, value, top (image ids)
+    store.pooled(layer, image_ids)                   # (N, C) mean vectors of those images, or None
+    store.channel_means(layer)                       # ((C,) mean over all images, number of images)
+    store.mean_vectors(layer)                        # row ids, (N, C) mean vectors, source
     store.top_neurons(layer, image, k=10, by="max")  # channel, value, y, x
     store.direction(layer, vector, k=10, metric=None, exact=True)   # ..., score
     store.neighbours(layer, image, k=10, metric=None, exact=True)   # ..., score (itself excluded)
@@ -53,7 +59,9 @@ from pathlib import Path
 
 from pipeline.store.layout import layer_dirname
 from pipeline.store.search import KINDS, METRICS
-from pipeline.store.store import ActivationStore, Plan, normalize_records, shard_of
+from pipeline.store.records import normalize_records, shard_of
+from pipeline.store.store import ActivationStore
+from pipeline.store.writer import Plan
 
 __all__ = ["ActivationStore", "Plan", "normalize_records", "layer_dirname", "KINDS", "METRICS", "store_root", "shard_of"]
 

@@ -25,6 +25,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -38,6 +39,9 @@ STATS = ("max", "mean", "argmax")
 VALUE_STATS = ("max", "mean")
 CRASH_ENV = "PIPELINE_STORE_CRASH_AT"
 PAUSE_ENV = "PIPELINE_STORE_PAUSE_AT"
+DTYPES = {"float32": np.float32, "float16": np.float16}
+EXTRACT_HINT = "run `python -m pipeline stage=extract`"
+INDEX_HINT = "run `python -m pipeline stage=index`"
 
 _crash_counts: dict[tuple[str, str], int] = {}
 
@@ -83,6 +87,11 @@ def write_parquet_atomic(table: pa.Table, path: Path, compression: str = "snappy
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def meta_dir(root: Path, layer: str) -> Path:
+    """The hidden folder of a layer's manifest, top-K arrays, class sums and indexes."""
+    return root / META / layer_dirname(layer)
 
 
 def crash_point(name: str) -> None:
