@@ -1,11 +1,22 @@
-"""Tiny hand-built models shared by the method tests, and the activation store compared as a query sees it."""
+"""Shared test helpers: tiny hand-built models, the activation store compared as a query sees it, the real
+config composed for tests, seeded pictures and a page opened in headless Chromium."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict, read_write
+from PIL import Image
 from torch import nn
 
 
@@ -70,3 +81,70 @@ def assert_same_store(a: dict, b: dict) -> None:
             pd.testing.assert_frame_equal(a[k], b[k])
         else:
             assert a[k] == b[k], k
+
+
+# ---------------------------------------------------------------- config, pictures, browser ---
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+TINY = ["++data.n_train=80", "++data.n_test=40", "train.data={n_train:80,n_test:40}", "train.epochs=1", "progress=false", "device=cpu"]
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def compose_config(tmp_path: Path, overrides: list[str] | None = None, tiny: bool = True) -> DictConfig:
+    """The real config with outputs under ``tmp_path``; HydraConfig is set as under @hydra.main."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=(TINY if tiny else []) + [f"paths.outputs={tmp_path}"] + (overrides or []),
+                      return_hydra_config=True)
+    (tmp_path / "run").mkdir(parents=True, exist_ok=True)
+    with read_write(cfg), open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+def random_png(path: Path, seed: int, size: int = 32) -> Path:
+    """A seeded random RGB picture saved at ``path`` (folders made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def open_in_chromium(page: Path, screenshot: Path, full_page: bool = True) -> dict[str, Any]:
+    """Load ``page`` in headless Chromium (fresh profile); every lazy image is made eager and awaited.
+    Returns console errors, non-file requests, broken image srcs, image count and ``window.__pwned``."""
+    try:
+        from playwright.sync_api import Error as PlaywrightError
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"Chromium is not installed at {CHROMIUM} (apt-get install -y chromium chromium-driver)")
+    errors: list[str] = []
+    external: list[str] = []
+    with tempfile.TemporaryDirectory() as profile, sync_playwright() as p:
+        try:
+            browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
+                                                           args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": 900})
+        except PlaywrightError as e:
+            pytest.skip(f"Chromium at {CHROMIUM} cannot be launched here: {str(e).splitlines()[0]}")
+        try:
+            tab = browser.new_page()
+            tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            tab.on("pageerror", lambda e: errors.append(str(e)))
+            tab.on("request", lambda r: external.append(r.url) if not r.url.startswith(("file:", "data:")) else None)
+            tab.goto(page.resolve().as_uri(), wait_until="load")
+            tab.evaluate("() => { for (const i of document.images) i.loading = 'eager'; }")
+            tab.wait_for_function("() => Array.from(document.images).every(i => i.complete)", timeout=60_000)
+            state = tab.evaluate("""() => ({
+                images: document.images.length,
+                broken: Array.from(document.images).filter(i => i.naturalWidth === 0).map(i => i.getAttribute('src')),
+                pwned: window.__pwned === undefined ? null : String(window.__pwned),
+                sections: Array.from(document.querySelectorAll('section h2')).map(h => h.textContent)})""")
+            tab.screenshot(path=str(screenshot), full_page=full_page)
+        finally:
+            browser.close()
+    return {**state, "errors": errors, "external": external}

@@ -22,7 +22,7 @@ from pipeline.data.clutter import ClutterParams, generate
 from pipeline.errors import AuditFailed, PipelineError
 from pipeline.runtime import Context
 from pipeline.stages import run_stages
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPLAIN = ["explain.methods=[cam,gradcam]", "explain.select.random=6", "explain.select.misclassified=0",

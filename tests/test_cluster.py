@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.runtime import Context
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 from tests.helpers import assert_same_store, store_state
 
 ROOT = Path(__file__).resolve().parents[1]

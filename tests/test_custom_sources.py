@@ -18,7 +18,7 @@ from pipeline.cache import Cache
 from pipeline.data import load_dataset
 from pipeline.errors import PipelineError
 from pipeline.models import build_model
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 
 def make_net(width: int = 4, num_classes: int = 3, channels: int = 3) -> nn.Module:

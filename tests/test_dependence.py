@@ -24,7 +24,7 @@ from pipeline.methods.guided import guided_projection
 from pipeline.methods.receptive import receptive_field
 from pipeline.projections import resolve_projections, summarize
 from pipeline.stages import run_stages
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 
 def no_pool_net() -> nn.Module:

@@ -22,7 +22,7 @@ from pipeline.methods.segmentation import Segmentation
 from pipeline.runtime import Context
 from pipeline.stages import run_stages
 from pipeline.selection import Predictions, input_box, select_images
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 FAST = ["explain.metrics.steps=4", "explain.occlusion.stride=16"]
 FILES = ("map.npy", "overlay.png", "meta.json", "manifest.json")

@@ -160,7 +160,7 @@ def test_two_shard_joblib_multirun_equals_a_single_run(make_cfg, tmp_path: Path)
     sharded = store_state(Context(make_cfg(["stage=query"])))
     single_out = tmp_path / "single"
     single_out.mkdir()
-    from tests.conftest import compose_config
+    from tests.helpers import compose_config
     cfg = compose_config(single_out, ["stage=[extract,index]", f"paths.cache={tmp_path / 'cache_single'}",
                                       f"paths.outputs={single_out}"])
     # reuse the same trained model: copy the checkpoint cache

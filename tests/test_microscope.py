@@ -12,26 +12,18 @@ import jinja2
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.report.microscope import Layer, TopImage, Unit, build_microscope, layer_slugs, unit_tables
 from pipeline.stages import run_stages
 from pipeline.store import ActivationStore
 from pipeline.store.dissect import write_dissection
-from tests.conftest import compose_config
-from tests.test_report import open_in_chromium
+from tests.helpers import compose_config, open_in_chromium, random_png
 
 EVIL = "<script>window.__pwned=1</script>"
 EVIL_LAYER = 'blocks.0"><img src=x onerror="window.__pwned=2">'
 LINK = re.compile(r'(?:src|href)="([^"#]+)"')
 IMG = re.compile(r"<img [^>]*>")
-
-
-def _png(path: Path, seed: int, size: int = 16) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
-    return str(path)
 
 
 def fake_layers(root: Path, dissected: bool = True, n_units: int = 5) -> list[Layer]:
@@ -40,12 +32,12 @@ def fake_layers(root: Path, dissected: bool = True, n_units: int = 5) -> list[La
     for li, name in enumerate(["features.relu1", EVIL_LAYER]):
         units = []
         for u in range(n_units):
-            top = [TopImage(_png(root / "data" / f"{li}_{u}_{r}.png", 100 * li + 10 * u + r),
-                            _png(root / "crops" / f"{li}_{u}_{r}.png", 9000 + 100 * li + 10 * u + r),
+            top = [TopImage(str(random_png(root / "data" / f"{li}_{u}_{r}.png", 100 * li + 10 * u + r)),
+                            str(random_png(root / "crops" / f"{li}_{u}_{r}.png", 9000 + 100 * li + 10 * u + r)),
                             float(3 - r), EVIL if r == 0 else "seven") for r in range(3)]
-            ascent = _png(root / "ascent" / f"{li}_{u}.png", 5000 + u) if u < 2 else None
-            proj = {"guided backprop": [(_png(root / "proj" / f"{li}_{u}.png", 7000 + u),
-                                         _png(root / "patch" / f"{li}_{u}.png", 8000 + u))]} if u < 2 else {}
+            ascent = str(random_png(root / "ascent" / f"{li}_{u}.png", 5000 + u)) if u < 2 else None
+            proj = {"guided backprop": [(str(random_png(root / "proj" / f"{li}_{u}.png", 7000 + u)),
+                                         str(random_png(root / "patch" / f"{li}_{u}.png", 8000 + u)))]} if u < 2 else {}
             units.append(Unit(u, top, ascent, proj))
         layers.append(Layer(name, (8, 8), units, "2 of 5 units have pictures", "guided backprop only"))
     if dissected:

@@ -29,7 +29,7 @@ from pipeline.errors import PipelineError
 from pipeline.methods.registry import METHODS
 from pipeline.models.digits import DigitsCNN
 from pipeline.stages import NEEDS_HOOKS, STAGES, run_stages
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 from tests.helpers import Block, trained_like
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")

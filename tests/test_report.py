@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +26,8 @@ from pipeline.report.assets import Assets
 from pipeline.report.data import Overview, SanityResult, StoreNeuron, accuracy_tables
 from pipeline.stages import run_stages
 from pipeline.stages.report import source_dir
-from tests.conftest import compose_config
+from tests.helpers import compose_config, open_in_chromium, random_png
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 EVIL_NAME = 'evil<img src=x onerror="window.__pwned=1">.png'
 EVIL_CLASS = "<script>window.__pwned=1</script>"
 SRC = re.compile(r'<img src="([^"]+)"')
@@ -40,30 +36,23 @@ HREF = re.compile(r'<a href="([^"#]+)"')
 
 # ------------------------------------------------------------------------------ helpers ---
 
-def _png(path: Path, seed: int, size: int = 32) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
-    return path
-
-
 def fake_run(root: Path, n_images: int = 3, methods: tuple[str, ...] = ("saliency", "gradcam")) -> dict[str, Any]:
     """A run folder as explain, visualize and audit leave it, with pictures in a fake cache."""
     run, cache = root / "run", root / "cache"
     rows = []
     for i in range(n_images):
         name = EVIL_NAME if i == 0 else f"img_{i}.png"
-        image = _png(root / "data" / name, i)
+        image = random_png(root / "data" / name, i)
         base = {"image_id": f"{i:064x}", "path": str(image), "split": "test", "selected_by": "random",
                 "label": i % 2, "label_name": EVIL_CLASS if i == 0 else "one", "prediction": 1,
                 "prediction_name": "one", "score": 0.75, "target": 1, "target_name": "one", "target_prob": 0.75,
-                "panel_path": str(_png(run / "explain" / "panels" / f"p{i}.png", 100 + i))}
+                "panel_path": str(random_png(run / "explain" / "panels" / f"p{i}.png", 100 + i))}
         for j, m in enumerate(methods):
             folder = cache / "artifacts" / m / f"{i:02d}" / f"{i:02d}{j}"
             folder.mkdir(parents=True)
             np.save(folder / "map.npy", np.zeros((4, 4), np.float32))
             (folder / "meta.json").write_text("{}")
-            _png(folder / "overlay.png", 1000 + 10 * i + j)
+            random_png(folder / "overlay.png", 1000 + 10 * i + j)
             rows.append({**base, "method": m, "key": f"{i}{j}", "artifact_dir": str(folder),
                          "map_path": str(folder / "map.npy"), "overlay_path": str(folder / "overlay.png"),
                          "cached": False, "pointing_hit": 1.0, "box_iou": 0.5, "box_hit": 1.0,
@@ -78,13 +67,13 @@ def fake_run(root: Path, n_images: int = 3, methods: tuple[str, ...] = ("salienc
     (run / "explain" / "metrics.json").write_text(json.dumps(
         {"target": "predicted", "params": {"box_threshold": 0.2, "iou": 0.5},
          "methods": {m: per for m in methods}}))
-    vis = [{"kind": "ascent", "layer": "features.relu4", "channel": 3, "png": str(_png(cache / "v" / "a.png", 7))},
+    vis = [{"kind": "ascent", "layer": "features.relu4", "channel": 3, "png": str(random_png(cache / "v" / "a.png", 7))},
            {"kind": "deconv", "layer": "features.relu4", "channel": 3, "rank": 0, "image_id": "0" * 64,
-            "png": str(_png(cache / "v" / "d.png", 8)), "patch_png": str(_png(cache / "v" / "p.png", 9))},
+            "png": str(random_png(cache / "v" / "d.png", 8)), "patch_png": str(random_png(cache / "v" / "p.png", 9))},
            {"kind": "guided", "layer": "features.relu4", "channel": 3, "rank": 0, "image_id": "0" * 64,
-            "png": str(_png(cache / "v" / "g.png", 12)), "patch_png": str(_png(cache / "v" / "p.png", 9))},
+            "png": str(random_png(cache / "v" / "g.png", 12)), "patch_png": str(random_png(cache / "v" / "p.png", 9))},
            {"kind": "class", "class_index": 0, "class_name": EVIL_CLASS, "value": 0.9,
-            "png": str(_png(cache / "v" / "c.png", 10))}]
+            "png": str(random_png(cache / "v" / "c.png", 10))}]
     (run / "visualize").mkdir()
     pd.DataFrame(vis).to_parquet(run / "visualize" / "index.parquet", index=False)
     method = {"max_spearman": 0.8, "stride": [4, 4], "grid_limit": 0.3, "projections": 1}
@@ -105,7 +94,7 @@ def fake_run(root: Path, n_images: int = 3, methods: tuple[str, ...] = ("salienc
                         per_class=pd.DataFrame([{"class": 0, "name": EVIL_CLASS, "images": 2, "accuracy": 0.5}]),
                         quarantine=pd.read_csv(run / "quarantine.csv"), stages={"explain": {"images": 3, "seconds": 1.0}})
     neuron = StoreNeuron("features.relu4", 3, [str(root / "data" / EVIL_NAME)], ["#1 2.00"],
-                         [str(_png(cache / "crops" / "0.png", 11, 16))], 2.0)
+                         [str(random_png(cache / "crops" / "0.png", 11, 16))], 2.0)
     strip = rs.cascade_strip(np.random.default_rng(0).random((3, 8, 8)))
     strip.save(root / "strip.png")
     sanity = [SanityResult("saliency", "pass", "", 2, ["fc", "conv1"], [0.3, 0.1], 0.1, 0.2, 0.8, True, True,
@@ -125,43 +114,6 @@ def build_fake(root: Path, **kw: Any) -> tuple[Path, Assets]:
 def local_targets(page: Path) -> tuple[list[str], list[str]]:
     text = page.read_text()
     return SRC.findall(text), HREF.findall(text)
-
-
-def open_in_chromium(page: Path, screenshot: Path, full_page: bool = True) -> dict[str, Any]:
-    """Load ``page`` in headless Chromium (fresh profile); every lazy image is made eager and awaited.
-    Returns console errors, non-file requests, broken image srcs, image count and ``window.__pwned``."""
-    try:
-        from playwright.sync_api import Error as PlaywrightError
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"Chromium is not installed at {CHROMIUM} (apt-get install -y chromium chromium-driver)")
-    errors: list[str] = []
-    external: list[str] = []
-    with tempfile.TemporaryDirectory() as profile, sync_playwright() as p:
-        try:
-            browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
-                                                           args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": 900})
-        except PlaywrightError as e:
-            pytest.skip(f"Chromium at {CHROMIUM} cannot be launched here: {str(e).splitlines()[0]}")
-        try:
-            tab = browser.new_page()
-            tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            tab.on("pageerror", lambda e: errors.append(str(e)))
-            tab.on("request", lambda r: external.append(r.url) if not r.url.startswith(("file:", "data:")) else None)
-            tab.goto(page.resolve().as_uri(), wait_until="load")
-            tab.evaluate("() => { for (const i of document.images) i.loading = 'eager'; }")
-            tab.wait_for_function("() => Array.from(document.images).every(i => i.complete)", timeout=60_000)
-            state = tab.evaluate("""() => ({
-                images: document.images.length,
-                broken: Array.from(document.images).filter(i => i.naturalWidth === 0).map(i => i.getAttribute('src')),
-                pwned: window.__pwned === undefined ? null : String(window.__pwned),
-                sections: Array.from(document.querySelectorAll('section h2')).map(h => h.textContent)})""")
-            tab.screenshot(path=str(screenshot), full_page=full_page)
-        finally:
-            browser.close()
-    return {**state, "errors": errors, "external": external}
 
 
 # ---------------------------------------------------------------------------- unit tests ---
@@ -214,7 +166,7 @@ def test_missing_artifact_files_show_as_missing_not_broken(tmp_path: Path) -> No
 
 
 def test_assets_hardlink_dedupe_copy_and_rebuild(tmp_path: Path) -> None:
-    src = _png(tmp_path / "a b&c.png", 0)
+    src = random_png(tmp_path / "a b&c.png", 0)
     linked = Assets(tmp_path / "files", "files", "hardlink")
     url = linked.file(src, "g")
     assert url == linked.file(src, "g") and url.startswith("files/g/") and url.endswith(".png")

@@ -20,7 +20,7 @@ from pipeline.methods.registry import METHODS, make_method
 from pipeline.models.digits import DigitsCNN
 from pipeline.runtime import Context, images_to_tensor
 from pipeline.stages import run_stages
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 SHARED = ["saliency", "input_x_gradient", "gradcam", "gradcam_plusplus", "xgradcam", "layercam", "hirescam",
           "eigencam", "cam"]

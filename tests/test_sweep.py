@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.sweep import CSV_NAME, HTML_NAME, SweepSummary, flatten, summarize_sweep
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from pipeline.stages import run_stages
 from pipeline.models.digits import DigitsCNN
 from pipeline.models.efficientnet_lite import EfficientNetLite
 from pipeline.stages.visualize import parse_channels, resolve_classes
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 FAST = ["stage=visualize", "visualize.ascent.steps=4", "visualize.top=4", "visualize.n_most_active=2"]
 
