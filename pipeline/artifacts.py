@@ -1,4 +1,5 @@
-"""Per-image explanation artifacts in the cache, their overlays, and side-by-side panels.
+"""Per-image explanation artifacts in the cache: keys, reading and writing (the pictures they hold
+are drawn by :mod:`pipeline.pictures`).
 
 An artifact is one method's map for one image: ``map.npy`` (float32, the raw map), ``overlay.png``
 (the map through a matplotlib colormap over the image) and ``meta.json``, plus optional extra
@@ -10,24 +11,22 @@ Shared by the stages that write per-image maps (explain, visualize).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.cache import Cache, atomic_write_json, make_key
+from pipeline.pictures import overlay, save_png
 
 MAP_FILE = "map.npy"
 OVERLAY_FILE = "overlay.png"
+PATCH_FILE = "patch.png"
 META_FILE = "meta.json"
 DISPLAY_VERSION = 1  # bump when the overlay's scaling changes
-
-Box = Sequence[float]  # (x0, y0, x1, y1) in pixels, x1 and y1 exclusive
 
 
 def artifact_kind(method: str) -> str:
@@ -128,97 +127,14 @@ def cached_artifact(cache: Cache, method: str, key: str,
     return write_artifact(cache, method, key, raw_map, image, meta, extras, cmap, alpha)
 
 
-def display_image(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """The model's input (C,H,W), normalized, back as an RGB uint8 (H,W,3) picture."""
-    t = x.detach().float().cpu()
-    m = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    arr = (t * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    return np.round(arr * 255).astype(np.uint8)
-
-
-def display_values(raw_map: np.ndarray, percentile: float = 99.5) -> np.ndarray:
-    """A map scaled to [0, 1] for display: negative values clipped to 0 (evidence for the target
-    shows, evidence against is not drawn), then stretched from the map's minimum to its
-    ``percentile`` (so a few extreme pixels, as in gradient saliency, do not leave the rest
-    invisible), or to its max when that is no higher. All zeros for a constant map."""
-    v = np.clip(np.nan_to_num(np.asarray(raw_map, dtype=np.float32)), 0, None)
-    if not v.size:
-        return v
-    lo, top = float(v.min()), float(np.percentile(v, percentile))
-    if top <= lo:
-        top = float(v.max())
-    if top <= lo:
-        return np.zeros_like(v)
-    return np.clip((v - lo) / (top - lo), 0, 1)
-
-
-def _resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a float map to ``size`` = (width, height) bilinearly."""
-    if values.shape[::-1] == size:
-        return values
-    return np.asarray(Image.fromarray(values.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
-
-
-def overlay(image: np.ndarray, raw_map: np.ndarray, cmap: str = "jet", alpha: float = 0.5) -> Image.Image:
-    """The map (see :func:`display_values`) through colormap ``cmap`` blended over ``image`` with
-    opacity ``alpha`` times the map's value, so empty regions show the image unchanged."""
-    h, w = image.shape[:2]
-    values = _resize_map(display_values(raw_map), (w, h))
-    colours = matplotlib.colormaps[cmap](values)[..., :3]
-    weight = (alpha * values)[..., None]
-    blended = (1 - weight) * (image.astype(np.float32) / 255.0) + weight * colours
-    return Image.fromarray(np.round(np.clip(blended, 0, 1) * 255).astype(np.uint8), "RGB")
-
-
-@dataclass
-class Tile:
-    """One picture of a panel with its title and boxes to outline (colour name, box)."""
-
-    title: str
-    image: Image.Image
-    boxes: list[tuple[str, Box]] = field(default_factory=list)
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow built without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def panel(tiles: Sequence[Tile], header: str = "", tile_size: int = 192, pad: int = 6) -> Image.Image:
-    """A side-by-side panel: each tile scaled so its longer side is ``tile_size`` (pixel-exact
-    nearest-neighbour when enlarging by 2x or more), its title above it, ``header`` on top."""
-    font = _font(max(10, tile_size // 14))
-    line = font.getbbox("Ag")[3] + 4
-    scaled = []
-    for t in tiles:
-        w, h = t.image.size
-        f = tile_size / max(w, h)
-        resample = Image.NEAREST if f >= 2 else Image.BILINEAR
-        img = t.image.convert("RGB").resize((max(1, round(w * f)), max(1, round(h * f))), resample)
-        draw = ImageDraw.Draw(img)
-        for colour, (x0, y0, x1, y1) in t.boxes:
-            draw.rectangle([x0 * f, y0 * f, x1 * f - 1, y1 * f - 1], outline=colour, width=2)
-        scaled.append((t.title, img))
-    top = (line + pad) if header else 0
-    width = pad + sum(img.width + pad for _, img in scaled)
-    height = top + line + pad + max(img.height for _, img in scaled) + pad
-    canvas = Image.new("RGB", (max(width, 1), height), "white")
-    draw = ImageDraw.Draw(canvas)
-    if header:
-        draw.text((pad, pad), header, fill="black", font=font)
-    x = pad
-    for title, img in scaled:
-        text = title
-        while len(text) > 1 and draw.textlength(text, font=font) > img.width:
-            text = text[:-1]
-        if text != title:
-            text = text[:-1] + "…"
-        draw.text((x, top + pad // 2), text, fill="black", font=font)
-        canvas.paste(img, (x, top + line + pad // 2))
-        x += img.width + pad
-    return canvas
+def write_picture(cache: Cache, method: str, key: str, raw: np.ndarray, picture: torch.Tensor,
+                  meta: dict[str, Any], patch: torch.Tensor | None = None) -> Artifact:
+    """Write an artifact whose ``overlay.png`` is a picture in its own right (an ascent image, a
+    deconvnet projection) rather than a heat map over an image; same layout as
+    :func:`write_artifact`: map.npy, overlay.png, meta.json (+ patch.png)."""
+    raw = np.asarray(raw, dtype=np.float32)
+    meta = {**meta, "method": method, "key": key, "shape": list(raw.shape), "extras": []}
+    pictures = {OVERLAY_FILE: lambda path: save_png(picture, path)}
+    if patch is not None:
+        pictures[PATCH_FILE] = lambda path: save_png(patch, path)
+    return publish_artifact(cache, method, key, raw, meta, pictures)

@@ -11,11 +11,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from pipeline.artifacts import Artifact, artifact_key, read_artifact
+from pipeline.artifacts import Artifact, artifact_key, read_artifact, write_picture
 from pipeline.methods.ascent import Objective, channel, objective_values, render
 from pipeline.models import ModelBundle
 from pipeline.runtime import Context
-from pipeline.views import write_picture
 
 log = logging.getLogger(__name__)
 

@@ -26,25 +26,24 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipeline.artifacts import OVERLAY_FILE, Artifact, artifact_key, read_artifact
+from pipeline.artifacts import OVERLAY_FILE, PATCH_FILE, Artifact, artifact_key, read_artifact, write_picture
 from pipeline.errors import PipelineError
 from pipeline.methods.deconvnet import DeconvResult, NotAChain, deconvnet, deconvnet_explicit, max_pools_before
 from pipeline.methods.dependence import aligned_dependence, stride_grid_share, unit_centre
 from pipeline.methods.guided import guided_projection
 from pipeline.methods.receptive import receptive_field, unit_box
 from pipeline.models import ModelBundle
-from pipeline.runtime import Context, images_to_tensor
-from pipeline.views import PATCH_FILE, grid, load_png, safe_name, save_png, side_by_side, write_picture
+from pipeline.data.images import images_to_tensor
+from pipeline.pictures import grid, load_png, safe_name, save_png, side_by_side, signed_patch, unnormalize
+from pipeline.runtime import Context
 
 PROJECTIONS = ("auto", "deconvnet", "guided_backprop", "both")
 KIND = {"deconvnet": "deconv", "guided_backprop": "guided"}     # index kind and artifact method
 TITLE = {"deconvnet": "deconvnet", "guided_backprop": "guided backprop"}
 VERSION = {"deconvnet": 1, "guided_backprop": 1}
 DECONV_MODES = ("auto", "explicit", "hooked")
-DISPLAY_QUANTILE = 0.995
 
 
 def resolve_projections(model: ModelBundle, layer: str, spec: str) -> tuple[list[str], list[str], str]:
@@ -94,24 +93,6 @@ class Job:
     key: str
 
 
-def patch_views(projection: torch.Tensor, image: torch.Tensor, box: tuple[int, int, int, int],
-                min_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The projection and the image cropped to ``box``, for display: the projection centred on grey
-    (0.5 = zero) and scaled by the 99.5th percentile of its magnitude (a few peak pixels would
-    otherwise leave the rest grey), both enlarged (nearest) to ``min_size`` pixels."""
-    x0, y0, x1, y1 = box
-    proj = projection[:, y0:y1, x0:x1]
-    top = float(torch.quantile(proj.abs().flatten().float(), DISPLAY_QUANTILE)) if proj.numel() else 0.0
-    top = top if top > 0 else float(proj.abs().max()) if proj.numel() else 0.0
-    proj = proj / (2 * top) + 0.5 if top > 0 else torch.full_like(proj, 0.5)
-    crop = image[:, y0:y1, x0:x1]
-    factor = math.ceil(min_size / max(proj.shape[1:])) if max(proj.shape[1:]) < min_size else 1
-    if factor > 1:
-        proj = F.interpolate(proj[None], scale_factor=factor, mode="nearest")[0]
-        crop = F.interpolate(crop[None], scale_factor=factor, mode="nearest")[0]
-    return proj.clamp(0, 1), crop.clamp(0, 1)
-
-
 def projection_function(method: str, mode: str) -> Callable[..., DeconvResult]:
     """The batched projection behind ``method`` (the deconvnet in its resolved mode)."""
     if method == "guided_backprop":
@@ -142,8 +123,6 @@ def compute(ctx: Context, layer: str, hw: tuple[int, int], jobs: list[Job], fn: 
     returns them by key."""
     model = ctx.model
     cfg = ctx.cfg.visualize
-    mean = torch.as_tensor(model.mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.as_tensor(model.std, dtype=torch.float32).view(-1, 1, 1)
     _, h, w = model.input_shape
     bs = max(1, int(cfg.batch_size))
     written: dict[str, Artifact] = {}
@@ -157,7 +136,8 @@ def compute(ctx: Context, layer: str, hw: tuple[int, int], jobs: list[Job], fn: 
             y, xx = (int(v) for v in res.position[i])
             box = unit_box(y * hw[1] + xx, hw, (h, w), field)
             proj = res.projection[i].detach().cpu()
-            shown, patch = patch_views(proj, (x[i] * std + mean).clamp(0, 1), box, int(cfg.deconv.patch_min_size))
+            shown, patch = signed_patch(proj, unnormalize(x[i], model.mean, model.std), box,
+                                        int(cfg.deconv.patch_min_size))
             meta = {"layer": layer, "channel": job.channel, "image_id": job.image_id, "path": job.path,
                     "position": [y, xx], "value": float(res.value[i]), "box": list(box),
                     "field": list(field), "params": params}

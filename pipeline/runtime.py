@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.cache import Cache, atomic_write_json
 from pipeline.data import DatasetBundle, load_dataset
 from pipeline.data.sources import clutter_key
-from pipeline.data.images import load_image
+from pipeline.data.images import images_to_tensor
 from pipeline.errors import PipelineError
 from pipeline.store import ActivationStore
 from pipeline.models import ModelBundle, build_model
@@ -59,19 +59,6 @@ def show(text: str) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
             handler.handle(record)
-
-
-def images_to_tensor(paths: list[str], transform: Any) -> torch.Tensor:
-    """Load and preprocess images into one (N,C,H,W) tensor."""
-    return torch.stack([transform(load_image(p)) for p in paths])
-
-
-def model_view(model: ModelBundle, x: torch.Tensor) -> torch.Tensor:
-    """Undo the model's normalisation: (..., C,H,W) input tensors -> RGB in [0,1] as the model sees them."""
-    mean = torch.tensor(model.mean, device=x.device).view(-1, 1, 1)
-    std = torch.tensor(model.std, device=x.device).view(-1, 1, 1)
-    rgb = (x * std + mean).clamp(0, 1)
-    return rgb.expand(*rgb.shape[:-3], 3, *rgb.shape[-2:]) if rgb.shape[-3] == 1 else rgb
 
 
 class Context:

@@ -14,11 +14,12 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from pipeline.artifacts import Tile, artifact_key, display_values, overlay, panel, read_artifact, write_artifact
+from pipeline.artifacts import artifact_key, read_artifact, write_artifact
 from pipeline.cache import Cache
 from pipeline.errors import PipelineError
 from pipeline.methods.registry import METHODS
 from pipeline.methods.segmentation import Segmentation
+from pipeline.pictures import Tile, display_values, overlay, panel
 from pipeline.runtime import Context
 from pipeline.stages import run_stages
 from pipeline.selection import Predictions, input_box, select_images

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.runtime import Context, images_to_tensor
+from pipeline.data.images import images_to_tensor
+from pipeline.runtime import Context
 from pipeline.stages import run_stages
 from tests.helpers import assert_same_store, store_state
 

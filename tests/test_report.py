@@ -22,6 +22,7 @@ from pipeline.methods.saliency import Saliency
 from pipeline.models.digits import DigitsCNN
 from pipeline.report import build_report
 from pipeline.report import sanity as rs
+from pipeline.pictures import map_strip
 from pipeline.report.assets import Assets
 from pipeline.report.data import Overview, SanityResult, StoreNeuron, accuracy_tables
 from pipeline.stages import run_stages
@@ -95,7 +96,7 @@ def fake_run(root: Path, n_images: int = 3, methods: tuple[str, ...] = ("salienc
                         quarantine=pd.read_csv(run / "quarantine.csv"), stages={"explain": {"images": 3, "seconds": 1.0}})
     neuron = StoreNeuron("features.relu4", 3, [str(root / "data" / EVIL_NAME)], ["#1 2.00"],
                          [str(random_png(cache / "crops" / "0.png", 11, 16))], 2.0)
-    strip = rs.cascade_strip(np.random.default_rng(0).random((3, 8, 8)))
+    strip = map_strip(np.random.default_rng(0).random((3, 8, 8)))
     strip.save(root / "strip.png")
     sanity = [SanityResult("saliency", "pass", "", 2, ["fc", "conv1"], [0.3, 0.1], 0.1, 0.2, 0.8, True, True,
                            str(root / "strip.png")),

@@ -18,7 +18,8 @@ from pipeline.errors import PipelineError
 from pipeline.methods.base import PassNeeds, shared_pass
 from pipeline.methods.registry import METHODS, make_method
 from pipeline.models.digits import DigitsCNN
-from pipeline.runtime import Context, images_to_tensor
+from pipeline.data.images import images_to_tensor
+from pipeline.runtime import Context
 from pipeline.stages import run_stages
 from tests.helpers import compose_config
 

@@ -17,7 +17,8 @@ from pipeline.ascent_pictures import pre_activation
 from pipeline.errors import PipelineError
 from pipeline.methods.hooks import truncated_forward
 from pipeline.models.bundle import imagenet_classes
-from pipeline.runtime import Context, images_to_tensor
+from pipeline.data.images import images_to_tensor
+from pipeline.runtime import Context
 from pipeline.stages import run_stages
 from pipeline.models.digits import DigitsCNN
 from pipeline.models.efficientnet_lite import EfficientNetLite

@@ -11,8 +11,10 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -63,6 +65,11 @@ def decode(data: bytes) -> Image.Image:
 def load_image(path: str | Path) -> Image.Image:
     """Read an image file as RGB (the file was validated at scan time)."""
     return decode(Path(path).read_bytes())
+
+
+def images_to_tensor(paths: list[str], transform: Any) -> torch.Tensor:
+    """Load and preprocess images into one (N,C,H,W) tensor."""
+    return torch.stack([transform(load_image(p)) for p in paths])
 
 
 def scan_file(path: str | Path) -> ScanResult:

@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from pipeline.artifacts import Tile, display_image, overlay, panel
+from pipeline.pictures import Tile, display_image, outline, overlay, panel, safe_name
 from pipeline.data.images import load_image
 from pipeline.reliance.summary import Rules, class_table, reasons, strategies
 from pipeline.store.maps import MapStore, decode_maps, decode_object
@@ -86,7 +85,7 @@ def flagged_figures(g: pd.DataFrame, store: MapStore, row: Mapping[str, Any], st
     """PNGs of one flagged (class, method): its worst images (lowest in-object energy, or the
     second strategy's members) with their objects outlined, and its class-mean outside map."""
     folder.mkdir(parents=True, exist_ok=True)
-    stem = "".join(ch if ch.isalnum() else "_" for ch in f"{row['class_name']}_{row['method']}")
+    stem = safe_name(f"{row['class_name']}_{row['method']}")
     if strat and strat["second"]:
         members = np.flatnonzero(np.isin(strat["labels"], strat["second"]))
         worst = g.iloc[members[:WORST]]
@@ -100,13 +99,8 @@ def flagged_figures(g: pd.DataFrame, store: MapStore, row: Mapping[str, Any], st
         shown = display_image(bundle.transform(load_image(r["path"])), bundle.mean, bundle.std)
         obj = decode_object(d["object"], int(d["h"]), int(d["w"]))
         tile = overlay(shown, m, cmap, alpha)
-        if obj is not None:  # the object's outline, drawn at the map's resolution then scaled up
-            edge = obj & ~np.pad(obj, 1)[2:, 1:-1] | obj & ~np.pad(obj, 1)[:-2, 1:-1] | \
-                obj & ~np.pad(obj, 1)[1:-1, 2:] | obj & ~np.pad(obj, 1)[1:-1, :-2]
-            big = np.asarray(Image.fromarray(edge.astype(np.uint8) * 255).resize(tile.size, Image.NEAREST)) > 0
-            arr = np.asarray(tile).copy()
-            arr[big] = (0, 255, 0)
-            tile = Image.fromarray(arr)
+        if obj is not None:
+            tile = outline(tile, obj)
         energy = r["inside_energy"]
         tiles.append(Tile(f"{energy:.2f} inside" if np.isfinite(energy) else "no object", tile))
     out: dict[str, str] = {}

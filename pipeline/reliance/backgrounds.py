@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from pipeline.artifacts import Tile, display_image, panel
+from pipeline.pictures import Tile, display_image, panel, safe_name
 from pipeline.cache import make_key
 from pipeline.data.images import load_image
 from pipeline.errors import PipelineError
@@ -165,7 +165,7 @@ class CausalChecker:
                 for view, (img, pred) in views.items():
                     tiles.append(Tile(f"{view}: {names[int(pred)]}", Image.fromarray(
                         display_image(img, bundle.mean, bundle.std))))
-            path = folder / ("causal_" + "".join(ch if ch.isalnum() else "_" for ch in cname) + ".png")
+            path = folder / f"causal_{safe_name(cname)}.png"
             panel(tiles, f"class {cname}: predictions on the variants", 128).save(path)
             out[cname] = str(path)
         return out

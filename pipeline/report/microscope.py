@@ -27,7 +27,7 @@ import pandas as pd
 from pipeline.report.assets import Assets
 from pipeline.report.html import CSS, fmt
 from pipeline.report.microscope_templates import EXTRA_CSS, TEMPLATES
-from pipeline.views import safe_name
+from pipeline.pictures import safe_name
 
 FOLDER = "microscope"
 FILES = "files"

@@ -23,17 +23,14 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import matplotlib
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from pipeline.methods.dependence import input_dependence
 from pipeline.methods.sanity import cascading_randomization, relative_l2, spearman
 
 Method = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-STRIP_TILE = 64
 
 
 def _constant(maps: torch.Tensor) -> torch.Tensor:
@@ -96,17 +93,3 @@ def verdict(result: dict[str, Any], max_final_spearman: float, max_class_spearma
         reasons.append(f"maps of different images for the same class are nearly the same (Spearman {same:.2f} > "
                        f"{max_input_spearman}): they do not depend on the image")
     return rand_ok, class_ok, input_ok, "; ".join(reasons)
-
-
-def cascade_strip(cascade: np.ndarray, cmap: str = "viridis", tile: int = STRIP_TILE, gap: int = 2) -> Image.Image:
-    """The maps side by side, each scaled to its own min..max and coloured: how the map decays."""
-    n, h, w = cascade.shape
-    canvas = Image.new("RGB", (n * tile + (n - 1) * gap, tile), "white")
-    colours = matplotlib.colormaps[cmap]
-    for i, m in enumerate(cascade):
-        lo, hi = float(np.nanmin(m)), float(np.nanmax(m))
-        v = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-        rgb = (colours(np.nan_to_num(v))[..., :3] * 255).astype(np.uint8)
-        canvas.paste(Image.fromarray(rgb).resize((tile, tile), Image.NEAREST if h <= tile else Image.BILINEAR),
-                     (i * (tile + gap), 0))
-    return canvas

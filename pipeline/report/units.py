@@ -17,16 +17,17 @@ from typing import Any
 import pandas as pd
 from torchvision.transforms.functional import to_pil_image
 
-from pipeline.artifacts import OVERLAY_FILE, artifact_kind
+from pipeline.artifacts import OVERLAY_FILE, PATCH_FILE, artifact_kind
 from pipeline.ascent_pictures import ascent_keys, channel_objectives, render_cached
 from pipeline.cache import MANIFEST, Cache, make_key
 from pipeline.methods.receptive import receptive_field
 from pipeline.projections import (KIND, Job, compute, projection_function, projection_jobs, projection_params,
                                   resolve_deconv_mode, resolve_projections)
 from pipeline.report.microscope import Layer, TopImage, Unit, unit_tables
-from pipeline.runtime import Context, images_to_tensor, model_view
+from pipeline.runtime import Context
 from pipeline.store import ActivationStore, dissect
-from pipeline.views import CROP_SIZE, PATCH_FILE, rf_crops
+from pipeline.data.images import images_to_tensor
+from pipeline.pictures import CROP_SIZE, model_view, rf_crops
 
 log = logging.getLogger(__name__)
 

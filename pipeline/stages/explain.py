@@ -27,8 +27,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from pipeline.artifacts import Artifact, Tile, artifact_key, display_image, display_settings, panel, read_artifact, \
-    write_artifact
+from pipeline.artifacts import Artifact, artifact_key, display_settings, read_artifact, write_artifact
 from pipeline.cache import atomic_write_json, make_key
 from pipeline.data.images import load_image
 from pipeline.errors import PipelineError, suggest
@@ -37,6 +36,7 @@ from pipeline.methods.cam import cam_box
 from pipeline.methods.metrics import box_iou, box_masks, center_map, deletion, inside_energy, insertion, pointing_game
 from pipeline.explaining import build_methods, curve_images, explain_split, images_per_call, method_names, \
     reliance_rules
+from pipeline.pictures import Tile, display_image, panel
 from pipeline.reliance.assess import assess
 from pipeline.reliance.backgrounds import causal_section
 from pipeline.runtime import Context, show

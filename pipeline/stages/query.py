@@ -14,7 +14,7 @@ from pipeline.errors import PipelineError
 from pipeline.runtime import Context, show
 from pipeline.selection import class_index
 from pipeline.store.dissect import concept_units
-from pipeline.views import save_topk_grid
+from pipeline.pictures import save_topk_grid
 
 QUERY_TYPES = ("topk", "direction", "neighbours", "neurons", "concept")
 

@@ -38,7 +38,9 @@ from pipeline.report.assets import LINK_MODES
 from pipeline.report.microscope import FOLDER, INDEX, build_microscope
 from pipeline.report.data import (Overview, SanityResult, StoreNeuron, accuracy_tables, read_explain,
                                   read_quarantine, read_visualize)
-from pipeline.runtime import Context, images_to_tensor
+from pipeline.data.images import images_to_tensor
+from pipeline.pictures import map_strip
+from pipeline.runtime import Context
 from pipeline.settings import plain
 from pipeline.report.units import browser_layer, layer_crops, top_table
 from pipeline.store import ActivationStore
@@ -270,7 +272,7 @@ def run_sanity(ctx: Context, source: Path, scfg: DictConfig) -> tuple[list[Sanit
                 atomic_write_json(tmp / "sanity.json", {**result, "method": name, "settings": settings,
                                                         "image_ids": ids, "model_key": model.key})
                 np.save(tmp / "cascade.npy", cascade)
-                rs.cascade_strip(cascade).save(tmp / "cascade.png")
+                map_strip(cascade).save(tmp / "cascade.png")
             folder = ctx.cache.path(SANITY_KIND, key, fanout=True)
         result = json.loads((folder / "sanity.json").read_text())
         rand_ok, class_ok, input_ok, reason = rs.verdict(result, max_final, max_class, max_input)

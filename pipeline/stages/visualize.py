@@ -44,7 +44,7 @@ from pipeline.projections import channel_projections, resolve_deconv_mode, resol
 from pipeline.runtime import Context
 from pipeline.settings import plain
 from pipeline.selection import class_index
-from pipeline.views import grid, load_png, safe_name, save_png
+from pipeline.pictures import grid, load_png, safe_name, save_png
 
 log = logging.getLogger(__name__)
 
