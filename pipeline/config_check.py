@@ -34,7 +34,7 @@ RANGES: tuple[tuple[str, str], ...] = (
     ("*epochs", "positive"), ("*batch_size", "positive"), ("*internal_batch_size", "positive"),
     ("*.stride", "positive"), ("*.window", "positive"), ("*.steps", "positive"), ("*.samples", "positive"),
     ("*.masks", "positive"), ("*.cells", "positive"), ("*.k", "positive"), ("*top_k", "positive"),
-    ("*.topk", "positive"), ("*.top", "positive"), ("*part_size", "positive"), ("*.thumb", "positive"),
+    ("*.top_k", "positive"), ("*.top", "positive"), ("*part_size", "positive"), ("*.thumb", "positive"),
     ("*.tile_size", "positive"), ("*.map_size", "positive"), ("*n_train", "positive"),
     ("*n_test", "positive"), ("*.canvas", "positive"), ("*.lr", "positive"), ("*poll_s", "positive"),
     ("num_shards", "positive"), ("shard", "non-negative"), ("*num_workers", "non-negative"),

@@ -185,7 +185,7 @@ class Context:
         """The activation store of this run's model (``<cache>/store/<model key>``)."""
         ecfg = self.cfg.get("extract") or {}
         return ActivationStore.open(self.cache.root / "store" / self.model.key, self.model.key, create=create,
-                                    top_k=int(ecfg.get("topk", 100)), dtype=str(ecfg.get("dtype", "float32")))
+                                    top_k=int(ecfg.get("top_k", 100)), dtype=str(ecfg.get("dtype", "float32")))
 
     def finish(self) -> dict[str, Any]:
         """Write summary.json with cache hits and misses; return the summary."""

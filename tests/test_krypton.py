@@ -331,22 +331,22 @@ def test_approximate_without_approximation_is_exact() -> None:
 
 @pytest.mark.parametrize("make", [TinySequential, TinyResidual, TinyDepthwise])
 @pytest.mark.parametrize("tau", [None, 0.3])
-def test_planned_boxes_give_the_same_logits(make: type[nn.Module], tau: float | None) -> None:
-    """Boxes worked out once for every position (``plan``) and indexed per batch give the same
-    logits as boxes worked out per batch; boxes outside the plan are still worked out."""
+def test_precomputed_boxes_give_the_same_logits(make: type[nn.Module], tau: float | None) -> None:
+    """Boxes worked out once for every position (``precompute``) and indexed per batch give the same
+    logits as boxes worked out per batch; boxes outside the table are still worked out."""
     torch.manual_seed(0)
     model = _randomize_bn(make())
     x = torch.randn(1, 3, 32, 32)
     boxes, _ = occlusion_boxes(32, 32, 8, 4)
     fill = make_fill(x, "mean")
     subset = boxes[torch.randperm(len(boxes), generator=torch.Generator().manual_seed(1))[:20]]
-    unplanned = IncrementalEngine(model, x, tau)(subset, fill)
+    computed = IncrementalEngine(model, x, tau)(subset, fill)
     engine = IncrementalEngine(model, x, tau)
-    engine.plan(boxes)
-    assert engine.planned(subset)
-    torch.testing.assert_close(engine(subset, fill), unplanned, rtol=0, atol=0)
+    engine.precompute(boxes)
+    assert engine.precomputed(subset)
+    torch.testing.assert_close(engine(subset, fill), computed, rtol=0, atol=0)
     other = torch.tensor([[1, 2, 9, 10]])
-    assert not engine.planned(other)
+    assert not engine.precomputed(other)
     torch.testing.assert_close(engine(other, fill), IncrementalEngine(model, x, tau)(other, fill),
                                rtol=0, atol=0)
 

@@ -377,10 +377,10 @@ def run(ctx: Context) -> dict[str, Any]:
     report["localization"], pointing_drop = localization_section(loc_now, loc_note, base)
     t = _timed(seconds, "localization", t)
 
-    k = max(1, min(int(acfg.topk), store.top_k))
+    k = max(1, min(int(acfg.top_k), store.top_k))
     neurons = neuron_table(store, layers, k)
     report["dead_neurons"], report["topk_changes"] = neuron_sections(store, neurons, base, float(acfg.dead_eps), k,
-                                                                     int(acfg.topk_report))
+                                                                     int(acfg.top_k_report))
     t = _timed(seconds, "neurons", t)
 
     report["unit_labels"], units = unit_label_section(store, layers, base, listed)

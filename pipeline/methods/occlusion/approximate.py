@@ -157,7 +157,7 @@ class ApproximateEngine(IncrementalEngine):
     def grid_logits(self, boxes: torch.Tensor, grid: tuple[int, int], fill: torch.Tensor,
                     target: int, batch_size: int) -> torch.Tensor:
         """Logits (P, K) for every position of the grid, some of them estimated."""
-        self.plan(boxes)
+        self.precompute(boxes)
         if self.tolerance is None:
             self.evaluated = torch.arange(len(boxes))
             return self._batches(boxes, fill, batch_size)

@@ -16,7 +16,7 @@ them runs normally on the batch; an unknown layer is logged, and the result stay
 Boxes are tracked per position; the recomputed box of a batch has one common size (the largest
 changed box, shifted inside the tensor at the edges), so every layer is one batched call. Batches
 are split so that the largest recomputed box of a pass stays cache-sized (``CHUNK_BYTES``). Given a
-whole map (``grid_logits``), every position's box on every layer is worked out once (``plan``) and
+whole map (``grid_logits``), every position's box on every layer is worked out once (``precompute``, the box table) and
 each batch indexes them.
 
 Approximations (``ApproximateEngine``): Krypton's projective-field threshold ``tau`` caps the
@@ -27,7 +27,7 @@ varies, by a threshold scaled by how well interpolation predicts the map; and th
 convolutions process only the patch's change, in bfloat16.
 
 This module holds the engine class alone (about 560 lines): its methods share the traced graph,
-the cached activations and the plan of one image, and splitting the class would spread one
+the cached activations and the box table of one image, and splitting the class would spread one
 algorithm over files. Its parts live beside it: box arithmetic and patch values in ``regions``,
 the per-layer rules in ``rules``, the approximations in ``approximate``.
 """
@@ -94,11 +94,11 @@ class IncrementalEngine:
         self._cl_cache: dict[fx.Node, torch.Tensor] = {}
         self._chunk: int | None = None  # positions per pass, set on the first call
         self._centre: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
-        # see ``plan``: each node's changed boxes for every planned position, the planned boxes'
-        # sorted codes, and the planned rows of the batch being evaluated (None: compute boxes)
-        self._plan: dict[fx.Node, torch.Tensor] = {}  # (P, 4): y0, y1, x0, x1
-        self._plan_codes = torch.zeros(0, dtype=torch.long)
-        self._plan_order = torch.zeros(0, dtype=torch.long)
+        # see ``precompute``: each node's changed boxes for every position in the table, the table's
+        # sorted box codes, and the table rows of the batch being evaluated (None: compute boxes)
+        self._table: dict[fx.Node, torch.Tensor] = {}  # (P, 4): y0, y1, x0, x1
+        self._table_codes = torch.zeros(0, dtype=torch.long)
+        self._table_order = torch.zeros(0, dtype=torch.long)
         self._rows: torch.Tensor | None = None
         with torch.no_grad():
             self._build()
@@ -340,51 +340,51 @@ class IncrementalEngine:
         return Patch(torch.where(inside, filled, image), region)
 
     def _codes(self, boxes: torch.Tensor) -> torch.Tensor:
-        """One integer per box (y0, x0, y1, x1), for looking boxes up in the plan."""
+        """One integer per box (y0, x0, y1, x1), for looking boxes up in the box table."""
         _, _, height, width = self.x.shape
         b = boxes.long()
         return ((b[:, 0] * (height + 1) + b[:, 2]) * (width + 1) + b[:, 1]) * (width + 1) + b[:, 3]
 
     @torch.no_grad()
-    def plan(self, boxes: torch.Tensor) -> None:
+    def precompute(self, boxes: torch.Tensor) -> None:
         """Work out every node's changed box for each of ``boxes`` (all the positions of a map)
         once: later calls with any of these boxes index them instead of redoing the box
         arithmetic, a few dozen small tensor ops per layer and batch. The boxes are the same
         either way (each position's box depends on that position only), so are the logits."""
-        self._plan = {}
+        self._table = {}
         if self.graph is None or len(boxes) == 0:
             return
         for node, rule, region in self._regions(boxes.long()):
             if region is not None and rule.kind in ("window", "merge", "cat"):
-                self._plan[node] = torch.stack([region.y0, region.y1, region.x0, region.x1], 1)
-        self._plan_codes, self._plan_order = self._codes(boxes).sort()
+                self._table[node] = torch.stack([region.y0, region.y1, region.x0, region.x1], 1)
+        self._table_codes, self._table_order = self._codes(boxes).sort()
 
-    def planned(self, boxes: torch.Tensor) -> bool:
-        """Whether every one of ``boxes`` is in the plan (its boxes are looked up, not worked out)."""
-        return self._planned_rows(boxes) is not None
+    def precomputed(self, boxes: torch.Tensor) -> bool:
+        """Whether every one of ``boxes`` is in the box table (its boxes are looked up, not worked out)."""
+        return self._table_rows(boxes) is not None
 
-    def _planned_rows(self, boxes: torch.Tensor) -> torch.Tensor | None:
-        """Rows of the plan holding ``boxes``, or None when some box was not planned."""
-        if not self._plan:
+    def _table_rows(self, boxes: torch.Tensor) -> torch.Tensor | None:
+        """Rows of the box table holding ``boxes``, or None when some box is not in it."""
+        if not self._table:
             return None
         codes = self._codes(boxes)
-        at = torch.searchsorted(self._plan_codes, codes).clamp(max=len(self._plan_codes) - 1)
-        if not torch.equal(self._plan_codes[at], codes):
+        at = torch.searchsorted(self._table_codes, codes).clamp(max=len(self._table_codes) - 1)
+        if not torch.equal(self._table_codes[at], codes):
             return None
-        return self._plan_order[at]
+        return self._table_order[at]
 
-    def _planned(self, node: fx.Node, shape: torch.Size) -> Region | None:
-        """``node``'s planned changed boxes for the batch being evaluated (None: not planned)."""
-        if self._rows is None or node not in self._plan:
+    def _from_table(self, node: fx.Node, shape: torch.Size) -> Region | None:
+        """``node``'s changed boxes from the table for the batch being evaluated (None: not in it)."""
+        if self._rows is None or node not in self._table:
             return None
-        y0, y1, x0, x1 = self._plan[node][self._rows].unbind(1)
+        y0, y1, x0, x1 = self._table[node][self._rows].unbind(1)
         return Region(y0, y1, x0, x1, shape[2], shape[3])
 
     def grid_logits(self, boxes: torch.Tensor, grid: tuple[int, int], fill: torch.Tensor,
                     target: int, batch_size: int) -> torch.Tensor:
         """Logits (P, K) of every position of a map (``occlusion`` calls this): the boxes are
-        planned once (see ``plan``), then evaluated ``batch_size`` at a time."""
-        self.plan(boxes)
+        worked out once (see ``precompute``), then evaluated ``batch_size`` at a time."""
+        self.precompute(boxes)
         return self._batches(boxes, fill, batch_size)
 
     def _batches(self, boxes: torch.Tensor, fill: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -403,7 +403,7 @@ class IncrementalEngine:
             return torch.cat([self(boxes[i:i + self._chunk], fill)
                               for i in range(0, len(boxes), self._chunk)])
         self._set_centre(boxes)
-        self._rows = self._planned_rows(boxes)
+        self._rows = self._table_rows(boxes)
         modules = self._modules
         env: dict[fx.Node, Any] = {}
         for node, rule in self.rules.items():
@@ -448,7 +448,7 @@ class IncrementalEngine:
             return self._window(node, rule.window, env[patches[0]], patches[0])
         # merge / cat: union of the operands' boxes
         shape = self.cache[node].shape
-        region = self._planned(node, shape) or self._union([env[n].region for n in patches], shape)
+        region = self._from_table(node, shape) or self._union([env[n].region for n in patches], shape)
         args = fx.node.map_arg((node.args, node.kwargs),
                                lambda n: self._view(n, env[n], region))
         return Patch(_call(node, modules, *args), region)
@@ -478,7 +478,7 @@ class IncrementalEngine:
 
     def _window(self, node: fx.Node, spec: Window, patch: Patch, source: fx.Node) -> Patch:
         shape = self.cache[node].shape
-        out = self._planned(node, shape) or self._out_region(spec, patch.region, shape)
+        out = self._from_table(node, shape) or self._out_region(spec, patch.region, shape)
         if self._low is not None and spec.weight is not None \
                 and spec.weight[0].numel() >= LOW_PRECISION_MIN_MACS:
             return self._window_change(node, spec, patch, source, out)
