@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from pipeline.data.images import load_image
 from pipeline.errors import PipelineError, suggest
 from pipeline.localizers import StageLocalizers
-from pipeline.methods.base import MapMethod, SharedPass, shared_pass
+from pipeline.methods.base import MapMethod, SharedPass, pass_size, shared_pass
 from pipeline.methods.cam import cam_box
 from pipeline.methods.metrics import box_iou, box_masks, deletion, inside_energy, insertion, pointing_mask
 from pipeline.methods.registry import METHODS, make_method
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 PART_ROWS = 512  # rows buffered per method before a part is written (what a killed run can lose)
 SCORES = ("inside_energy", "pointing_hit", "box_iou", "deletion_auc", "insertion_auc")
+Passes = tuple[list[SharedPass], list[int]]  # a chunk's shared passes, and the chunk positions they cover
 
 
 def method_names(ecfg: DictConfig) -> list[str]:
@@ -118,7 +119,6 @@ def batch_objects(items: Sequence[Item], sizes: Sequence[tuple[int, int]], trans
                 log.warning("explain: the box of %s reaches outside the image; clipped to it", it.path)
             if box is not None:
                 boxes[i] = torch.tensor(box, dtype=torch.float64)
-                masks[i] = box_masks(boxes[i:i + 1], h, w)[0]
                 kind = "box"
         if it.mask:
             try:
@@ -131,6 +131,9 @@ def batch_objects(items: Sequence[Item], sizes: Sequence[tuple[int, int]], trans
                 problems.append({"path": it.path, "problem": str(err)})
                 log.warning("explain: %s; %s is scored %s", err, it.path, "with its box" if kind else "without a mask")
         kinds.append(kind)
+    boxed = torch.tensor([k == "box" for k in kinds], dtype=torch.bool)
+    if bool(boxed.any()):  # the images scored with their box: all their masks in one call
+        masks[boxed] = box_masks(boxes[boxed], h, w)
     present = torch.tensor([k is not None for k in kinds]) & masks.flatten(1).any(1)
     return ObjectSet(masks, present, kinds, boxes)
 
@@ -231,12 +234,12 @@ class SplitExplainer:
         if blind:
             wanted = {name: list(range(len(chunk))) for name in self.methods}
             shared = self._shared_pass(wanted, x, None)
-            tgt = shared[0].targets.cpu() if shared is not None else self._predict(x)
+            tgt = torch.cat([q.targets for q in shared[0]]).cpu() if shared is not None else self._predict(x)
             for j, i in enumerate(chunk):
                 self.predicted[items[i].image_id] = int(tgt[j])
+                key = row_key(items[i].image_id, int(tgt[j]), [object_digest(items[i]), items[i].image_id in curves])
                 for name in self.methods:
-                    keys[name][i] = row_key(items[i].image_id, int(tgt[j]),
-                                            [object_digest(items[i]), items[i].image_id in curves])
+                    keys[name][i] = key
         else:
             tgt = torch.tensor([targets[i] for i in chunk])
             wanted = {name: [j for j, i in enumerate(chunk) if i in todo[name]] for name in self.methods}
@@ -270,12 +273,14 @@ class SplitExplainer:
             return self.ctx.model.module(x.to(self.ctx.device)).argmax(1).cpu()
 
     def _shared_pass(self, wanted: dict[str, list[int]], x: torch.Tensor, target: torch.Tensor | None
-                     ) -> tuple[SharedPass, list[int]] | None:
+                     ) -> Passes | None:
         """One forward/backward pass serving every method that can take its maps from it, over the
-        images any of them needs: the pass and those images' positions in ``x``. ``target`` None
-        predicts the classes in the same pass. None when no method shares (or only one, with the
-        targets known: its own call costs the same), or when the pass fails (each method then runs
-        on its own, image by image where it fails, so the error names the image)."""
+        images any of them needs: the passes (one per :func:`pass_size` images, kept apart so that
+        their layer outputs and gradients are never joined: each method's maps are) and those
+        images' positions in ``x``. ``target`` None predicts the classes in the same pass. None
+        when no method shares (or only one, with the targets known: its own call costs the same),
+        or when the pass fails (each method then runs on its own, image by image where it fails, so
+        the error names the image)."""
         needs = [self.methods[n].shared_needs() for n in wanted]
         shared = [nd for nd in needs if nd is not None]
         if len(shared) < (1 if target is None else 2):
@@ -284,27 +289,36 @@ class SplitExplainer:
         union = shared[0]
         for nd in shared[1:]:
             union = union | nd
+        xs, ts = x[rows].to(self.ctx.device), None if target is None else target[rows]
+        step = pass_size(xs)
         try:
-            return shared_pass(self.ctx.model.module, x[rows].to(self.ctx.device),
-                               None if target is None else target[rows], union), rows
+            return [shared_pass(self.ctx.model.module, xs[i:i + step], None if ts is None else ts[i:i + step], union)
+                    for i in range(0, len(rows), step)], rows
         except Exception as err:  # noqa: BLE001 - each method retries on its own and names the image
             log.warning("explain: the shared pass failed (%s: %s); running each method on its own",
                         type(err).__name__, err)
             return None
 
     def _maps(self, name: str, x: torch.Tensor, target: torch.Tensor, items: list[Item],
-              shared: tuple[SharedPass, list[int]] | None = None, sel: list[int] | None = None) -> torch.Tensor:
+              shared: Passes | None = None, sel: list[int] | None = None) -> torch.Tensor:
         """The method's maps for a batch (CPU, float32): from the shared pass when it serves this
         method, else from its own batched call, image by image when that fails, so the error names
         the image."""
         method = self.methods[name]
         maps = None
         if shared is not None and sel is not None and method.shared_needs() is not None:
-            p, rows = shared
+            passes, rows = shared
             where = {r: k for k, r in enumerate(rows)}
-            idx = [where[j] for j in sel]
-            part = p if idx == list(range(p.x.shape[0])) else p.subset(torch.tensor(idx))
-            maps = method.from_pass(self.ctx.model.module, part).maps
+            idx = torch.tensor([where[j] for j in sel], dtype=torch.long)  # rising, as sel and rows are
+            parts, start = [], 0
+            for p in passes:
+                n = p.x.shape[0]
+                local = idx[(idx >= start) & (idx < start + n)] - start
+                if len(local):
+                    part = p if len(local) == n else p.subset(local)
+                    parts.append(method.from_pass(self.ctx.model.module, part).maps)
+                start += n
+            maps = torch.cat(parts)
         if maps is None:
             maps = self._own_maps(name, x, target, items)
         maps = maps.detach().float().cpu()

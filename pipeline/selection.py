@@ -51,7 +51,8 @@ class Item:
     mask: str | None = None
 
 
-def record_item(rec: pd.Series, reason: str) -> Item:
+def record_item(rec: pd.Series | dict[str, Any], reason: str) -> Item:
+    """The item of one dataset record (a row's Series, or its dict: cheaper over a whole split)."""
     label = rec.get("label")
     box = tuple(float(rec[c]) for c in ("box_x0", "box_y0", "box_x1", "box_y1")) if "box_x0" in rec else None
     mask = rec.get("mask")
@@ -159,7 +160,7 @@ def select_images(ctx: Context, scfg: DictConfig, preds: Predictions) -> list[It
             splits = sorted(records["split"].astype(str).unique())
             raise PipelineError(f"explain.select.all: split '{split}' has no images in dataset {ctx.dataset.name}; "
                                 f"its splits are {', '.join(splits)} (or all).")
-        return [record_item(r, "all") for _, r in pool.drop_duplicates("image_id").iterrows()]
+        return [record_item(r, "all") for r in pool.drop_duplicates("image_id").to_dict("records")]
     chosen: dict[str, Item] = {}
 
     def add(item: Item | None) -> None:

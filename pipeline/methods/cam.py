@@ -54,7 +54,8 @@ def class_maps(act: torch.Tensor, fc: nn.Linear, t: torch.Tensor, size: tuple[in
     return upsample(torch.einsum("bc,bchw->bhw", fc.weight.detach()[t].to(act.dtype), act), size)
 
 
-EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+PLANES_EIGHT_CONNECTED = np.zeros((3, 3, 3), dtype=bool)
+PLANES_EIGHT_CONNECTED[1] = True  # 8-connected within a map, never across maps of a batch
 
 
 def cam_box(maps: torch.Tensor, fraction: float = 0.2) -> torch.Tensor:
@@ -62,7 +63,9 @@ def cam_box(maps: torch.Tensor, fraction: float = 0.2) -> torch.Tensor:
 
     ``maps`` is (H,W) or (B,H,W); returns int64 (4,) or (B,4) boxes ``(x0, y0, x1, y1)`` in pixels,
     with x1 and y1 exclusive. A map with no positive value gives the whole image. The 0.2 default
-    is the CAM paper's threshold.
+    is the CAM paper's threshold. The whole batch is labelled in one call (regions never cross
+    maps, and their labels rise map by map in scan order, as one map's own labelling numbers them),
+    so of equal regions the first in scan order is taken, as per map.
     """
     if not 0 <= fraction <= 1:
         raise PipelineError(f"The CAM box threshold is a fraction of the max in [0, 1], got "
@@ -70,16 +73,21 @@ def cam_box(maps: torch.Tensor, fraction: float = 0.2) -> torch.Tensor:
     single = maps.dim() == 2
     arr = maps.detach().float().cpu().numpy()
     arr = arr[None] if single else arr
-    boxes = np.empty((arr.shape[0], 4), dtype=np.int64)
-    for i, m in enumerate(arr):
-        top = m.max()
-        if not top > 0:
-            boxes[i] = (0, 0, m.shape[1], m.shape[0])
-            continue
-        labels, _ = ndimage.label(m >= fraction * top, structure=EIGHT_CONNECTED)
-        biggest = np.bincount(labels.ravel())[1:].argmax()
-        ys, xs = ndimage.find_objects(labels)[biggest]
-        boxes[i] = (xs.start, ys.start, xs.stop, ys.stop)
+    b, h, w = arr.shape
+    boxes = np.tile(np.array([0, 0, w, h], dtype=np.int64), (b, 1))
+    top = arr.reshape(b, -1).max(1) if arr.size else np.zeros(b, arr.dtype)
+    lit = np.flatnonzero(top > 0)
+    if len(lit):
+        sub = arr[lit]
+        labels, _ = ndimage.label(sub >= (fraction * top[lit])[:, None, None], structure=PLANES_EIGHT_CONNECTED)
+        counts = np.bincount(labels.ravel())
+        last = labels.reshape(len(lit), -1).max(1)  # every lit map has a region: its max
+        first = np.concatenate(([1], last[:-1] + 1))
+        biggest = np.array([f + counts[f:e + 1].argmax() for f, e in zip(first, last)])
+        region = labels == biggest[:, None, None]
+        rows, cols = region.any(2), region.any(1)
+        boxes[lit] = np.stack([cols.argmax(1), rows.argmax(1), w - cols[:, ::-1].argmax(1),
+                               h - rows[:, ::-1].argmax(1)], 1)
     out = torch.from_numpy(boxes)
     return out[0] if single else out
 

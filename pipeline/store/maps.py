@@ -35,6 +35,7 @@ from pipeline.cache import make_key
 FORMAT_VERSION = 2  # 2: rows record the prediction
 THUMB = 16
 PART_GLOB = "part-*.parquet"
+BLOBS = ("map", "thumb")  # one unique float16 blob a row
 
 
 def map_store_key(method: str, version: int, params: dict[str, Any], model_key: str, size: int,
@@ -103,14 +104,16 @@ class MapStore:
                 .drop(columns="written").reset_index(drop=True))
 
     def write(self, rows: pd.DataFrame) -> Path:
-        """Publish ``rows`` as one new part (temporary file, then rename)."""
+        """Publish ``rows`` as one new part (temporary file, then rename). The map blobs are written
+        without a dictionary: each is unique, and trying one took most of the write."""
         self.folder.mkdir(parents=True, exist_ok=True)
         rows = rows.assign(written=time.time_ns())
         name = f"part-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
         final = self.folder / name
         tmp = self.folder / f".{name}.tmp"
         try:
-            pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), tmp)
+            pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), tmp,
+                           use_dictionary=[c for c in rows.columns if c not in BLOBS])
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
@@ -118,8 +121,9 @@ class MapStore:
 
 
 def encode_maps(maps: torch.Tensor) -> list[bytes]:
-    """float16 bytes of each (h,w) map, for the ``map`` and ``thumb`` columns."""
-    arr = maps.detach().float().cpu().numpy().astype(np.float16)
+    """float16 bytes of each (h,w) map, for the ``map`` and ``thumb`` columns (torch's rounding
+    to float16 is numpy's, about 15x faster)."""
+    arr = maps.detach().float().cpu().half().numpy()
     return [a.tobytes() for a in arr]
 
 
