@@ -176,7 +176,7 @@ def _square_dataset(root: Path, n: int, bad: bool = False) -> Path:
 def _overrides(manifest: Path, *extra: str) -> list[str]:
     return ["model=custom", "model._target_=tests.test_dissect.SquareNet", f"model.image_size={SIDE}",
             "model.mean=[0.5,0.5,0.5]", "model.std=[0.5,0.5,0.5]", "data=manifest", f"data.path={manifest}",
-            "extract.layers=[features.1]", "dissect.quantile=0.1", "dissect.topk=6", *extra]
+            "extract.layers=[features.1]", "dissect.quantile=0.1", "dissect.top_k=6", *extra]
 
 
 def test_stage_finds_the_square_detector_and_reruns_incrementally(make_cfg, tmp_path: Path) -> None:

@@ -177,7 +177,7 @@ def result_key(ctx: Context, store: Any, layer: str, recs: pd.DataFrame, size: t
     concepts = pd.util.hash_pandas_object(recs[["image_id", *CONCEPT_COLUMNS]].astype(str), index=False)
     return make_key(kind="dissect", version=VERSION, model=ctx.model.key, layer=layer,
                     images=make_key(ids=recs["image_id"].tolist(), concepts=concepts.to_numpy().tolist()),
-                    quantile=float(dcfg.quantile), size=list(size), cut=float(dcfg.cut), topk=int(dcfg.topk),
+                    quantile=float(dcfg.quantile), size=list(size), cut=float(dcfg.cut), topk=int(dcfg.top_k),
                     store=store.generation)
 
 
@@ -238,7 +238,7 @@ def dissect_layers_now(ctx: Context, store: Any, layers: list[str], recs: pd.Dat
         iou = overlaps[layer].iou()
         best = iou_m.best_concepts(iou, names, cut)
         means = sel.class_means(sums[layer], counts)
-        units = best.merge(unit_selectivity(store, layer, means, int(dcfg.topk), model.class_names), on="unit")
+        units = best.merge(unit_selectivity(store, layer, means, int(dcfg.top_k), model.class_names), on="unit")
         labelled = int(units["label"].notna().sum())
         summary = {"layer": layer, "units": int(iou.shape[0]), "labelled": labelled,
                    "unique_detectors": iou_m.unique_detectors(units["label"].tolist()), "cut": cut,
