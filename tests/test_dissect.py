@@ -73,16 +73,18 @@ def test_a_unit_firing_exactly_on_a_square_has_iou_one_with_it() -> None:
     wy, wx = iou_m.upsample_weights(8, 16), iou_m.upsample_weights(8, 16)
     up = torch.nn.functional.interpolate(maps, size=size, mode="bilinear", align_corners=False)
     assert torch.allclose(wy @ maps @ wx.T, up, atol=1e-6)
-    slots = torch.stack([square, other], 1).flatten(2)
+    bits = square.flatten(1).long() + (other.flatten(1).long() << 1)  # slot 0: square, slot 1: the rest
     ids = torch.tensor([[0, 2]] * b)  # concept 1 is never present
 
     def overlaps(maps: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor) -> np.ndarray:
         acc = iou_m.Overlaps(2, 3)
+        ay, ax = iou_m.axis_groups(wy), iou_m.axis_groups(wx)
         for lo in (0, 5):  # two batches
             images, units = torch.nonzero(torch.ones(5, 2, dtype=torch.bool), as_tuple=True)
-            fired = iou_m.fire(maps[lo:lo + 5][images, units], t[units], wy, wx)
-            acc.add_concepts(slots[lo:lo + 5], ids[lo:lo + 5])
-            acc.add_units(fired, images, units, slots[lo:lo + 5], ids[lo:lo + 5])
+            codes = iou_m.slot_codes(bits[lo:lo + 5], ids[lo:lo + 5], 3)
+            acc.add_concepts(codes)
+            pairs = maps[lo:lo + 5][images, units]
+            acc.add_units(pairs, thr.block_maxima(pairs[:, None])[:, 0], t[units], images, units, ay, ax, codes)
         return acc.iou()
 
     iou = overlaps(maps, wy, wx)

@@ -1,4 +1,5 @@
-"""Concept masks from a dataset's own annotations, in the model's input frame at the IoU resolution.
+"""Concept masks from a dataset's own annotations, in the model's input frame at the IoU resolution
+(numpy bool arrays: a few small array writes per image, no per-image torch calls).
 
 Per image: its class ("3", from the object mask, or the box when there is no usable mask), each
 fragment box (concept "fragment", recorded by clutter digits), each extra mask the manifest's
@@ -8,17 +9,45 @@ and every fragment box; only for images with a box or a mask).
 
 from __future__ import annotations
 
+import functools
 import math
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.nn import functional as F
+from torchvision import transforms as T
 
-from pipeline.selection import input_box, input_mask
+from pipeline.selection import geometric_steps, input_box, input_mask
 
 FRAGMENT = "fragment"
 BACKGROUND = "background"
+MAX_SLOTS = 40  # concepts of one image, each a bit of its pixels' slot masks
+PNG = b"\x89PNG\r\n\x1a\n"
+NO_GEOMETRY = T.Compose([])
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) of an image file: from a PNG's header directly (a tenth of the time PIL takes
+    to open it), else from PIL."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:8] == PNG and head[12:16] == b"IHDR":
+        return struct.unpack(">II", head[16:24])
+    with Image.open(path) as im:
+        return im.size
+
+
+def same_frame(image_size: tuple[int, int], transform: Any, input_hw: tuple[int, int]) -> bool:
+    """Whether ``transform`` leaves an image of ``image_size`` (width, height) where it is: already the
+    input's size, and a box keeps its place through the Resize and CenterCrop steps. Its masks then
+    need no resizing or cropping (which cost more than decoding them)."""
+    w, h = image_size
+    return ((h, w) == tuple(input_hw) and geometric_steps(transform) is not None
+            and input_box((1.0, 1.0, 2.0, 2.0), image_size, transform, input_hw) == (1.0, 1.0, 2.0, 2.0))
 
 
 def parse_concepts(text: Any) -> list[tuple[str, str]]:
@@ -55,23 +84,30 @@ def concept_names(class_names: Sequence[str], records: Iterable[Mapping[str, Any
     return names + ([BACKGROUND] if located and BACKGROUND not in names else [])
 
 
-def box_raster(box: Sequence[float], input_hw: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+def box_raster(box: Sequence[float], input_hw: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
     """(H,W) bool at ``size``: the pixels whose centres fall in ``box`` (input-frame coordinates)."""
     sy, sx = input_hw[0] / size[0], input_hw[1] / size[1]
     x0, y0, x1, y1 = box
     # centre (i + 0.5) * s lies in [lo, hi)  <=>  ceil(lo / s - 0.5) <= i < ceil(hi / s - 0.5)
     r0, r1 = (min(size[0], max(0, math.ceil(v / sy - 0.5))) for v in (y0, y1))
     c0, c1 = (min(size[1], max(0, math.ceil(v / sx - 0.5))) for v in (x0, x1))
-    out = torch.zeros(size, dtype=torch.bool)
+    out = np.zeros(size, dtype=bool)
     out[r0:r1, c0:c1] = True
     return out
 
 
-def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """An (H,W) bool mask at ``size`` (nearest neighbour)."""
+@functools.lru_cache(maxsize=64)
+def _nearest(n_in: int, n_out: int) -> np.ndarray:
+    """The source index of each output index under ``F.interpolate(mode="nearest")`` (its own rounding)."""
+    ramp = torch.arange(n_in, dtype=torch.float32)[None, None]
+    return F.interpolate(ramp, size=n_out, mode="nearest")[0, 0].long().numpy()
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An (H,W) bool mask at ``size`` (nearest neighbour, as ``F.interpolate``)."""
     if tuple(mask.shape) == tuple(size):
         return mask
-    return F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
+    return mask[_nearest(mask.shape[0], size[0])][:, _nearest(mask.shape[1], size[1])]
 
 
 def _box_of(rec: Mapping[str, Any]) -> tuple[float, float, float, float] | None:
@@ -83,20 +119,21 @@ def _box_of(rec: Mapping[str, Any]) -> tuple[float, float, float, float] | None:
 
 def image_concepts(rec: Mapping[str, Any], class_name: str | None, image_size: tuple[int, int], transform: Any,
                    input_hw: tuple[int, int], size: tuple[int, int]
-                   ) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
+                   ) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
     """One image's concepts as (name, (H,W) bool mask at ``size``), and the problems met (a mask
     missing or of another size: that mask is skipped)."""
-    out: list[tuple[str, torch.Tensor]] = []
+    out: list[tuple[str, np.ndarray]] = []
     problems: list[str] = []
+    geometry = NO_GEOMETRY if same_frame(image_size, transform, input_hw) else transform
 
-    def load(path: str) -> torch.Tensor | None:
+    def load(path: str) -> np.ndarray | None:
         try:
-            return resize_mask(input_mask(path, image_size, transform, input_hw), size)
+            return resize_mask(input_mask(path, image_size, geometry, input_hw).numpy(), size)
         except (ValueError, FileNotFoundError) as err:
             problems.append(str(err))
             return None
 
-    def box(b: Sequence[float]) -> torch.Tensor | None:
+    def box(b: Sequence[float]) -> np.ndarray | None:
         moved = input_box(b, image_size, transform, input_hw)
         return None if moved is None else box_raster(moved, input_hw, size)
 
@@ -108,34 +145,37 @@ def image_concepts(rec: Mapping[str, Any], class_name: str | None, image_size: t
         out.append((class_name, obj))
     frags = [m for m in (box(b) for b in parse_boxes(rec.get("fragment_boxes"))) if m is not None]
     if frags:
-        out.append((FRAGMENT, torch.stack(frags).any(0)))
+        out.append((FRAGMENT, np.logical_or.reduce(frags)))
     for name, path in parse_concepts(rec.get("concepts")):
         m = load(path)
         if m is not None:
             out.append((name, m))
     inside = box(obj_box) if obj_box is not None else obj
     if inside is not None:
-        covered = torch.stack([inside, *frags]).any(0)
-        out.append((BACKGROUND, ~covered))
+        out.append((BACKGROUND, ~np.logical_or.reduce([inside, *frags])))
     return merge_duplicates(out), problems
 
 
-def stack_slots(per_image: Sequence[Sequence[tuple[str, torch.Tensor]]], index: Mapping[str, int],
-                size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad images' concept lists into (B,S,H*W) bool slots and (B,S) concept indices (-1 = empty)."""
+def stack_slots(per_image: Sequence[Sequence[tuple[str, np.ndarray]]], index: Mapping[str, int],
+                size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Pack images' concept lists into (B,H*W) slot bits (bit j: the image's slot j covers the pixel;
+    the smallest unsigned type that holds them) and (B,S) int64 concept indices of the slots (-1 = empty)."""
     slots = max((len(c) for c in per_image), default=0) or 1
-    masks = torch.zeros(len(per_image), slots, size[0] * size[1], dtype=torch.bool)
-    ids = torch.full((len(per_image), slots), -1, dtype=torch.int64)
+    if slots > MAX_SLOTS:
+        raise ValueError(f"an image has {slots} concepts; at most {MAX_SLOTS} are supported")
+    dtype = next(d for d in (np.uint8, np.uint16, np.uint32, np.uint64) if np.iinfo(d).bits >= slots)
+    bits = np.zeros((len(per_image), size[0] * size[1]), dtype=dtype)
+    ids = np.full((len(per_image), slots), -1, dtype=np.int64)
     for i, items in enumerate(per_image):
         for j, (name, m) in enumerate(items):
-            masks[i, j] = m.reshape(-1)
+            bits[i] |= m.reshape(-1).astype(dtype) << dtype(j)
             ids[i, j] = index[name]
-    return masks, ids
+    return bits, ids
 
 
-def merge_duplicates(items: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+def merge_duplicates(items: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
     """One mask per concept name (a union), so no pixel counts twice for a concept in one image."""
-    merged: dict[str, torch.Tensor] = {}
+    merged: dict[str, np.ndarray] = {}
     for name, m in items:
         merged[name] = merged[name] | m if name in merged else m
     return list(merged.items())

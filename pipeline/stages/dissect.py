@@ -9,19 +9,26 @@ images, and Morcos et al.'s selectivity index). Results go into the activation s
 The model runs once per image: its layer maps (float16, layer resolution) are kept in a map cache
 keyed by image id, so a re-run with more images forwards only the new ones, then recomputes the
 thresholds and IoUs from the cached maps. A layer whose inputs (images, concepts, settings, store)
-did not change is not recomputed at all.
+did not change is not recomputed at all. Cache parts are written by a second thread while the model
+runs on, and the next batch's concept masks are built by one while the IoUs of a batch are counted.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.cache import make_key
@@ -39,8 +46,19 @@ from pipeline.store.dissect import MapCache, dissection_key, read_dissect_summar
 log = logging.getLogger(__name__)
 
 VERSION = 1
-PAIR_PIXELS = 1 << 23  # upsampled pixels of (image, unit) pairs handled at once
+PAIR_VALUES = 1 << 22  # layer-map values of (image, unit) pairs read at once
 CONCEPT_COLUMNS = ["label", "box_x0", "box_y0", "box_x1", "box_y1", "mask", "fragment_boxes", "concepts"]
+
+
+def lower_priority() -> None:
+    """Make the calling thread yield to the others (Linux: a thread has its own nice value): cache
+    writes and concept masks then run on the core the image loading leaves idle, instead of taking
+    turns with the model's threads (which wait for each other). Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
 
 
 def dissect_layers(ctx: Context, store: Any) -> list[str]:
@@ -96,12 +114,13 @@ def fill_cache(ctx: Context, recs: pd.DataFrame, caches: dict[str, MapCache]) ->
     model.module.eval()
     layers = list(caches)
     part = int(dcfg.part_size)
-    with tqdm(total=len(todo), desc="dissect: forward", unit="img", disable=None if ctx.progress else True) as bar:
+    writing: Future | None = None
+    with tqdm(total=len(todo), desc="dissect: forward", unit="img", disable=None if ctx.progress else True) as bar, \
+            ThreadPoolExecutor(1, initializer=lower_priority) as writer:
         for start in range(0, len(todo), part):
             chunk = todo.iloc[start:start + part]
-            out: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
-            stats: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {layer: [] for layer in layers}
-            coarse: dict[str, np.ndarray] = {}
+            out: dict[str, list[np.ndarray]] = {}  # per layer: maps, maxima, means, block maxima of the part
+            pos = 0
             for x, _ in record_loader(chunk, model.transform, int(dcfg.batch_size), int(dcfg.num_workers)):
                 maps = truncated_forward(model.module, x.to(ctx.device), layers)
                 for layer in layers:
@@ -109,53 +128,111 @@ def fill_cache(ctx: Context, recs: pd.DataFrame, caches: dict[str, MapCache]) ->
                     if m.dim() != 4:
                         raise PipelineError(f"layer {layer} outputs shape {tuple(m.shape)}, not a (B,C,H,W) map: "
                                             "dissect convolutional layers (dissect.layers=[...]).")
-                    flat = m.detach().flatten(2).float()
-                    stats[layer].append((flat.amax(2).cpu().numpy(), flat.mean(2).cpu().numpy()))
-                    half = m.detach().to(torch.float16).cpu().numpy()
-                    counts = thr.coarse_counts(half)
-                    coarse[layer] = coarse[layer] + counts if layer in coarse else counts
-                    out[layer].append(half)
+                    m = m.detach().float()
+                    blocks = thr.block_maxima(m)
+                    values = (m, blocks.amax(2), m.mean((2, 3)), blocks)
+                    if layer not in out:
+                        out[layer] = [np.empty((len(chunk), *v.shape[1:]), dtype) for v, dtype in
+                                      zip(values, (np.float16, np.float16, np.float32, np.float16))]
+                    for dst, v in zip(out[layer], values):  # converted straight into the part's arrays
+                        torch.from_numpy(dst[pos:pos + len(x)]).copy_(v)
+                pos += len(x)
                 bar.update(len(x))
-            ids = chunk["image_id"].tolist()
-            for layer in layers:
-                maxima, means = (np.concatenate(a) for a in zip(*stats[layer]))
-                caches[layer].write(ids, np.concatenate(out[layer]), maxima, means, coarse[layer])
+            if writing is not None:
+                writing.result()  # one part in memory while the next is computed
+            writing = writer.submit(write_parts, caches, chunk["image_id"].tolist(), out)
+        if writing is not None:
+            writing.result()
     return len(todo)
 
 
+def write_parts(caches: dict[str, MapCache], ids: list[str], out: dict[str, list[np.ndarray]]) -> None:
+    """Write one part per layer: maps, maxima, means and block maxima of ``ids``."""
+    for layer, arrays in out.items():
+        caches[layer].write(ids, *arrays)
+
+
+def pair_maps(cache: MapCache, chunk: list[str], pairs: np.ndarray,
+              hw: tuple[int, int]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(images, units, float16 (n,h,w) maps) of the (image, unit) pairs where ``pairs`` (n,C) is True,
+    at most PAIR_VALUES map values at a time (so memory does not follow the layer's size)."""
+    at = np.flatnonzero(pairs)
+    images, units = at // pairs.shape[1], at % pairs.shape[1]
+    step = max(1, PAIR_VALUES // (hw[0] * hw[1]))
+    for lo in range(0, len(images), step):
+        im, un = images[lo:lo + step], units[lo:lo + step]
+        yield im, un, cache.maps(chunk, im, un)
+
+
 def layer_thresholds(cache: MapCache, ids: list[str], hw: tuple[int, int], q: float, batch: int) -> np.ndarray:
-    """T_k of every unit over the cached maps of ``ids``: the parts' stored coarse counts (counted
-    from maps only for parts partly in ``ids``), then the fine counts from the candidate maps."""
-    coarse, rest = cache.coarse(ids)
-    for pos in rest:
-        counts = thr.coarse_counts(cache.maps(ids, pos))
-        coarse = counts if coarse is None else coarse + counts
+    """T_k of every unit over the cached maps of ``ids``: a floor from the block maxima, the high-byte
+    counts of the values above it, then the fine counts inside the bin that holds T_k."""
     m = thr.quantile_count(q, len(ids) * hw[0] * hw[1])
+    chunks = [ids[s:s + batch] for s in range(0, len(ids), batch)]
+    floor = thr.floor_bins(sum(thr.coarse_counts(cache.blocks(chunk)) for chunk in chunks), m)
+    coarse = np.zeros((len(floor), thr.BINS), np.int64)
+    for chunk in chunks:
+        for _, units, maps in pair_maps(cache, chunk, thr.candidates(cache.stats(chunk)[0], floor), hw):
+            coarse += thr.high_counts(maps, units, floor)
     bins, higher = thr.pick_bins(coarse, m)
     fine = np.zeros_like(coarse)
-    for start in range(0, len(ids), batch):
-        chunk = ids[start:start + batch]
-        images, units = np.nonzero(thr.candidates(cache.stats(chunk)[0], bins))
-        if len(images):
-            fine += thr.fine_counts(cache.maps(chunk, images, units), units, bins)
+    for chunk in chunks:
+        for _, units, maps in pair_maps(cache, chunk, thr.candidates(cache.stats(chunk)[0], bins), hw):
+            fine += thr.fine_counts(maps, units, bins)
     return thr.thresholds(fine, bins, higher, m)
 
 
-def concept_batches(ctx: Context, recs: pd.DataFrame, index: dict[str, int], size: tuple[int, int],
-                    batch: int, skipped: list[str]) -> Any:
-    """(slots, ids) concept masks at ``size`` for each batch of ``recs``; problems go to ``skipped``."""
-    model = ctx.model
-    input_hw = tuple(model.input_shape[-2:])
-    rows = recs.to_dict("records")
-    for start in range(0, len(rows), batch):
+def concept_index(ctx: Context, recs: pd.DataFrame) -> dict[str, int]:
+    """Every concept of the dataset -> its column in the IoU tables (a warning when there is none)."""
+    names = cpt.concept_names(class_concepts(ctx, recs), recs.to_dict("records"))
+    if not names:
+        log.warning("dissect: the dataset has no boxes, object masks or concept masks, so no unit can be "
+                    "labelled with a concept; only the class selectivity is computed (a manifest can add "
+                    "box_x0..box_y1, mask or concepts columns)")
+    return {n: i for i, n in enumerate(names)}
+
+
+class ConceptSpool:
+    """The concept masks of every batch of ``recs`` at ``size``, built in order by a second thread from
+    the moment the spool is made: it overlaps the forward pass (whose image loading leaves a core
+    idle) and the IoU pass. Each batch is spilled to a scratch file until it is read, so memory does
+    not grow with the dataset. Problems (a mask missing or of another size) go to ``skipped``."""
+
+    def __init__(self, ctx: Context, recs: pd.DataFrame, index: dict[str, int], size: tuple[int, int],
+                 batch: int) -> None:
+        self.skipped: list[str] = []
+        self.index = index  # concept -> its column
+        self._rows, self._size, self._batch = recs.to_dict("records"), size, batch
+        self._transform, self._input_hw = ctx.model.transform, tuple(ctx.model.input_shape[-2:])
+        self._scratch = tempfile.TemporaryDirectory(prefix="dissect-concepts-")
+        self._pool = ThreadPoolExecutor(1, initializer=lower_priority)
+        self._batches = [self._pool.submit(self._build, start) for start in range(0, len(self._rows), batch)]
+
+    def _build(self, start: int) -> Path:
         per_image = []
-        for rec in rows[start:start + batch]:
-            with Image.open(rec["path"]) as im:
-                image_size = im.size
-            items, problems = cpt.image_concepts(rec, rec["class_name"], image_size, model.transform, input_hw, size)
-            skipped.extend(problems)
+        for rec in self._rows[start:start + self._batch]:
+            items, problems = cpt.image_concepts(rec, rec["class_name"], cpt.image_size(rec["path"]), self._transform,
+                                                 self._input_hw, self._size)
+            self.skipped.extend(problems)
             per_image.append(items)
-        yield cpt.stack_slots(per_image, index, size)
+        bits, ids = cpt.stack_slots(per_image, self.index, self._size)
+        path = Path(self._scratch.name) / f"{start}.npz"
+        np.savez(path, bits=bits, ids=ids)
+        return path
+
+    def __iter__(self) -> Iterator[iou_m.Codes]:
+        """The batches' concept codes, in order."""
+        for batch in self._batches:
+            path = batch.result()
+            with np.load(path) as f:
+                bits, ids = f["bits"], f["ids"]
+            path.unlink()
+            yield iou_m.slot_codes(torch.from_numpy(bits.astype(np.int64)), torch.from_numpy(ids), len(self.index))
+
+    def close(self) -> None:
+        """Stop building and remove the scratch files."""
+        self._pool.shutdown(cancel_futures=True)
+        self._scratch.cleanup()
 
 
 def unit_selectivity(store: Any, layer: str, means: np.ndarray, k: int, class_names: list[str]) -> pd.DataFrame:
@@ -163,9 +240,10 @@ def unit_selectivity(store: Any, layer: str, means: np.ndarray, k: int, class_na
     rows = []
     k = min(k, store.top_k)
     index = sel.selectivity_index(means)
-    for unit in range(store.channels(layer)):
-        labels = [None if pd.isna(v) else int(v) for v in store.topk(layer, unit, k)["label"]]
-        purity, top = sel.purity(labels)
+    images = store.images()
+    label_of = {i: None if pd.isna(v) else int(v) for i, v in zip(images["image_id"], images["label"])}
+    for unit, top_ids in enumerate(store.top_images(layer, k)["top"]):  # every unit at once: no table each
+        purity, top = sel.purity([label_of[i] for i in top_ids])
         rows.append({"unit": unit, "purity": purity, "selectivity": float(index[unit]),
                      "top_class": None if top is None else class_names[top]})
     return pd.DataFrame(rows)
@@ -182,21 +260,20 @@ def result_key(ctx: Context, store: Any, layer: str, recs: pd.DataFrame, size: t
 
 
 def dissect_layers_now(ctx: Context, store: Any, layers: list[str], recs: pd.DataFrame, caches: dict[str, MapCache],
-                       size: tuple[int, int], keys: dict[str, str],
+                       size: tuple[int, int], keys: dict[str, str], spool: ConceptSpool,
                        timings: dict[str, float]) -> tuple[dict[str, dict[str, Any]], int]:
-    """Thresholds, IoUs and selectivity of ``layers``; written to the store. Returns the summaries
-    and the number of concept masks skipped; the passes' seconds go into ``timings``."""
+    """Thresholds, IoUs (against the ``spool``'s concepts) and selectivity of ``layers``; written to
+    the store. Returns the summaries and the number of concept masks skipped; the passes' seconds
+    go into ``timings``."""
     dcfg, model = ctx.cfg.dissect, ctx.model
     ids = recs["image_id"].tolist()
-    batch = int(dcfg.batch_size)
-    names = cpt.concept_names(class_concepts(ctx, recs), recs.to_dict("records"))
-    if not names:
-        log.warning("dissect: the dataset has no boxes, object masks or concept masks, so no unit can be "
-                    "labelled with a concept; only the class selectivity is computed (a manifest can add "
-                    "box_x0..box_y1, mask or concepts columns)")
-    index = {n: i for i, n in enumerate(names)}
+    batch = int(dcfg.part_size)  # images per step of the threshold and IoU passes (and of the spool)
+    names = list(spool.index)
     clock = time.perf_counter()
-    t = {layer: layer_thresholds(caches[layer], ids, store.hw(layer), float(dcfg.quantile), batch) for layer in layers}
+    with ThreadPoolExecutor(2) as pool:  # numpy lets go of the interpreter in its loops: two layers at once
+        futures = {layer: pool.submit(layer_thresholds, caches[layer], ids, store.hw(layer), float(dcfg.quantile),
+                                      batch) for layer in layers}
+        t = {layer: f.result() for layer, f in futures.items()}
     timings["thresholds"] = time.perf_counter() - clock
     clock = time.perf_counter()
     overlaps = {layer: iou_m.Overlaps(store.channels(layer), len(names)) for layer in layers}
@@ -204,11 +281,10 @@ def dissect_layers_now(ctx: Context, store: Any, layers: list[str], recs: pd.Dat
     sums = {layer: np.zeros((n_classes, store.channels(layer))) for layer in layers}
     counts = np.zeros(n_classes)
     labels = recs["model_label"].to_numpy()
-    weights = {layer: (iou_m.upsample_weights(store.hw(layer)[0], size[0]),
-                       iou_m.upsample_weights(store.hw(layer)[1], size[1])) for layer in layers}
-    skipped: list[str] = []
+    axes = {layer: tuple(iou_m.axis_groups(iou_m.upsample_weights(n, n_out))
+                         for n, n_out in zip(store.hw(layer), size)) for layer in layers}
     with tqdm(total=len(ids), desc="dissect: IoU", unit="img", disable=None if ctx.progress else True) as bar:
-        for b, (slots, slot_ids) in enumerate(concept_batches(ctx, recs, index, size, batch, skipped)):
+        for b, codes in enumerate(spool):
             chunk = ids[b * batch:(b + 1) * batch]
             lab = labels[b * batch:(b + 1) * batch]
             ok = lab >= 0
@@ -216,20 +292,18 @@ def dissect_layers_now(ctx: Context, store: Any, layers: list[str], recs: pd.Dat
             for layer in layers:
                 maxima, means = caches[layer].stats(chunk)
                 np.add.at(sums[layer], lab[ok], means[ok])
-                overlaps[layer].add_concepts(slots, slot_ids)
+                overlaps[layer].add_concepts(codes)
                 # a bilinear value never exceeds its neighbours' maximum: a map whose maximum is not
                 # above the threshold fires nowhere, and is not even read
-                images, units = np.nonzero(maxima.astype(np.float32) > t[layer][None, :])
-                if not len(images):
-                    continue
-                step = max(1, PAIR_PIXELS // (size[0] * size[1]))  # bounds the memory of the fired maps
-                for lo in range(0, len(images), step):
-                    im, un = images[lo:lo + step], units[lo:lo + step]
-                    maps = torch.from_numpy(caches[layer].maps(chunk, im, un))
-                    fired = iou_m.fire(maps, torch.from_numpy(t[layer][un]), *weights[layer])
-                    overlaps[layer].add_units(fired, torch.from_numpy(im), torch.from_numpy(un), slots, slot_ids)
+                fires = maxima.astype(np.float32) > t[layer][None, :]
+                blocks = caches[layer].blocks(chunk)
+                for im, un, maps in pair_maps(caches[layer], chunk, fires, store.hw(layer)):
+                    overlaps[layer].add_units(torch.from_numpy(maps), torch.from_numpy(blocks[im, un]),
+                                              torch.from_numpy(t[layer][un]), torch.from_numpy(im),
+                                              torch.from_numpy(un), *axes[layer], codes)
             bar.update(len(lab))
     timings["iou"] = time.perf_counter() - clock
+    skipped = spool.skipped
     if skipped:
         log.warning("dissect: %d concept masks skipped (missing or of another size), e.g. %s", len(skipped), skipped[0])
     summaries = {}
@@ -264,7 +338,11 @@ def run(ctx: Context) -> dict[str, Any]:
         clock = time.perf_counter()
         forwarded = fill_cache(ctx, recs, caches)
         timings["forward"] = time.perf_counter() - clock
-        summaries, skipped = dissect_layers_now(ctx, store, todo, recs, caches, size, keys, timings)
+        spool = ConceptSpool(ctx, recs, concept_index(ctx, recs), size, int(ctx.cfg.dissect.part_size))
+        try:
+            summaries, skipped = dissect_layers_now(ctx, store, todo, recs, caches, size, keys, spool, timings)
+        finally:
+            spool.close()
     summaries = {layer: summaries.get(layer) or read_dissect_summary(store, layer) for layer in layers}
     table = pd.DataFrame([summaries[layer] for layer in layers])[["layer", "units", "labelled", "unique_detectors"]]
     show(f"\ndissection of {len(recs)} images (IoU > {float(ctx.cfg.dissect.cut)} labels a unit):\n"

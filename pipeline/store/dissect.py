@@ -12,7 +12,7 @@ Both tables are plain Parquet, so DuckDB reads them with no project code:
 ``SELECT * FROM read_parquet('<store>/.meta/<layer>/dissect/iou.parquet') WHERE rank = 1``.
 
 The map cache (``MapCache``) keeps each image's layer output (float16, layer resolution), keyed by
-image id, in parts under ``<cache>/dissect/<model key>/<layer dir>/``: a re-run with more images
+image id, in parts under ``<cache>/dissect/<model key>/v<MAP_VERSION>/<layer dir>/``: a re-run with more images
 forwards only the new ones, and thresholds and IoUs are recomputed from the cached maps.
 """
 
@@ -37,6 +37,7 @@ from pipeline.store.store import ActivationStore
 FOLDER = "dissect"
 IOU_FILE = "iou.parquet"
 UNITS_FILE = "units.parquet"
+MAP_VERSION = 2  # bumped when a map cache part's files change (2: block maxima instead of coarse counts)
 SUMMARY_KEYS = ("layer", "units", "labelled", "unique_detectors", "cut", "quantile", "images")
 
 
@@ -140,19 +141,19 @@ class MapCache:
     """Per-image layer maps (float16, (C,h,w) at layer resolution) of one model and layer, on disk.
 
     A part ``part-<uuid>`` holds ``.npy`` maps (n,C,h,w), ``.max.npy`` (n,C) float16 spatial maxima,
-    ``.mean.npy`` (n,C) float32 spatial means, ``.coarse.npy`` (C,256) per-unit counts the caller
-    computed over the whole part, and ``.ids.json`` (its image ids), written last: a part without its
+    ``.mean.npy`` (n,C) float32 spatial means, ``.block.npy`` (n,C,nb) float16 maxima of spatial
+    blocks (the caller's), and ``.ids.json`` (its image ids), written last: a part without its
     ids file is not a part, and is removed. Reads map a part, copy the rows asked for and unmap it,
     so memory does not grow with the number of images; the maxima let a reader fetch only the maps
     it needs.
     """
 
-    ARRAYS = ("npy", "max.npy", "mean.npy", "coarse.npy")
 
     def __init__(self, root: Path, model_key: str, layer: str) -> None:
-        self.folder = Path(root) / FOLDER / model_key / layer_dirname(layer)
+        self.folder = Path(root) / FOLDER / model_key / f"v{MAP_VERSION}" / layer_dirname(layer)
         self._index: dict[str, tuple[int, int]] | None = None
         self._stems: list[Path] = []
+        self._headers: dict[tuple[int, str], tuple[str, np.dtype, tuple[int, ...], int]] = {}
 
     def _parts(self) -> list[Path]:
         if not self.folder.is_dir():
@@ -168,6 +169,7 @@ class MapCache:
         """image id -> (part number, row in it), over every complete part (a later part wins)."""
         if self._index is None:
             self._stems = self._parts()
+            self._headers = {}
             index: dict[str, tuple[int, int]] = {}
             for p, stem in enumerate(self._stems):
                 for i, image_id in enumerate(json.loads(stem.with_name(stem.name + ".ids.json").read_text())):
@@ -176,13 +178,12 @@ class MapCache:
         return self._index
 
     def write(self, image_ids: Sequence[str], maps: np.ndarray, maxima: np.ndarray, means: np.ndarray,
-              coarse: np.ndarray) -> None:
+              blocks: np.ndarray) -> None:
         """Add one part: ``maps`` (n,C,h,w) of ``image_ids`` (kept as float16), their (n,C) spatial
-        ``maxima`` (kept as float16, like the maps) and ``means``, and the caller's (C,256) ``coarse``
-        counts over them."""
+        ``maxima`` (kept as float16, like the maps) and ``means``, and their (n,C,nb) block maxima."""
         self.folder.mkdir(parents=True, exist_ok=True)
         arrays = {"npy": np.ascontiguousarray(maps, dtype=np.float16), "max.npy": np.asarray(maxima, np.float16),
-                  "mean.npy": np.asarray(means, np.float32), "coarse.npy": np.asarray(coarse, np.int64)}
+                  "mean.npy": np.asarray(means, np.float32), "block.npy": np.asarray(blocks, np.float16)}
         stem = self.folder / f"part-{uuid.uuid4().hex}"
         for suffix, arr in arrays.items():
             path = stem.with_name(f"{stem.name}.{suffix}")
@@ -196,55 +197,61 @@ class MapCache:
         os.replace(tmp, ids_path)
         self._index = None
 
+    def _header(self, part: int, suffix: str) -> tuple[str, np.dtype, tuple[int, ...], int]:
+        """(path, dtype, shape, data offset) of a part's .npy file, parsed once (thousands of reads per pass)."""
+        if (part, suffix) not in self._headers:
+            path = str(self._stems[part]) + "." + suffix
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0(f))  # C order: written by np.save
+                self._headers[(part, suffix)] = (path, dtype, shape, f.tell())
+        return self._headers[(part, suffix)]
+
     def _array(self, part: int, suffix: str) -> np.ndarray:
         """A part's array, memory-mapped. Not kept open: pages read through a mapping count in the
         process's resident memory until it is unmapped, so each read maps, copies out and unmaps."""
-        stem = self._stems[part]
-        return np.load(stem.with_name(f"{stem.name}.{suffix}"), mmap_mode="r")
+        path, dtype, shape, offset = self._header(part, suffix)
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
     def _where(self, image_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         index = self.index()
         where = np.array([index[i] for i in image_ids], dtype=np.int64).reshape(-1, 2)
         return where[:, 0], where[:, 1]
 
-    def coarse(self, image_ids: Sequence[str]) -> tuple[np.ndarray | None, list[np.ndarray]]:
-        """The stored coarse counts summed over the parts all of whose images are in ``image_ids``,
-        and the positions (in ``image_ids``) of the other images, grouped by part, for the caller to
-        count from their maps."""
-        parts, _ = self._where(image_ids)
-        total, rest = None, []
+    def _rows(self, image_ids: Sequence[str], suffix: str) -> np.ndarray:
+        """The rows of ``image_ids`` of every part's ``suffix`` array, in that order."""
+        parts, rows = self._where(image_ids)
+        first = self._array(int(parts[0]), suffix)
+        out = np.empty((len(rows), *first.shape[1:]), first.dtype)
         for p in np.unique(parts):
             pos = np.flatnonzero(parts == p)
-            if len(pos) == len(self._array(int(p), "max.npy")):
-                c = np.asarray(self._array(int(p), "coarse.npy"))
-                total = c.copy() if total is None else total + c
-            else:
-                rest.append(pos)
-        return total, rest
+            out[pos] = self._array(int(p), suffix)[rows[pos]]
+        return out
 
     def stats(self, image_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(max (n,C) float16, mean (n,C) float32) of ``image_ids``, in that order."""
-        parts, rows = self._where(image_ids)
-        c = self._array(int(parts[0]), "max.npy").shape[1]
-        mx, mean = np.empty((len(rows), c), np.float16), np.empty((len(rows), c), np.float32)
-        for p in np.unique(parts):
-            pos = np.flatnonzero(parts == p)
-            mx[pos] = self._array(int(p), "max.npy")[rows[pos]]
-            mean[pos] = self._array(int(p), "mean.npy")[rows[pos]]
-        return mx, mean
+        return self._rows(image_ids, "max.npy"), self._rows(image_ids, "mean.npy")
+
+    def blocks(self, image_ids: Sequence[str]) -> np.ndarray:
+        """(n,C,nb) float16 block maxima of ``image_ids``, in that order."""
+        return self._rows(image_ids, "block.npy")
 
     def maps(self, image_ids: Sequence[str], images: np.ndarray, units: np.ndarray | None = None) -> np.ndarray:
         """float16 maps of the pairs (``image_ids[images[j]]``, ``units[j]``) as (n,h,w); with
         ``units`` None, every unit of the images as (n,C,h,w)."""
         parts, rows = self._where(image_ids)
         parts, rows = parts[images], rows[images]
-        first = self._array(int(parts[0]), "npy") if len(parts) else None
-        if first is None:
+        if not len(parts):
             return np.empty((0, 1, 1), np.float16)
-        shape = first.shape[1:] if units is None else first.shape[2:]
-        out = np.empty((len(rows), *shape), np.float16)
+        shape = self._header(int(parts[0]), "npy")[2]
+        out = np.empty((len(rows), *(shape[1:] if units is None else shape[2:])), np.float16)
         for p in np.unique(parts):
             pos = np.flatnonzero(parts == p)
             arr = self._array(int(p), "npy")
-            out[pos] = arr[rows[pos]] if units is None else arr[rows[pos], units[pos]]
+            if units is None:
+                out[pos] = np.take(arr, rows[pos], axis=0)
+            else:  # whole (h,w) rows of the (n*C, h*w) view: a third faster than indexing by (image, unit)
+                flat = arr.reshape(arr.shape[0] * arr.shape[1], -1)
+                out[pos] = np.take(flat, rows[pos] * arr.shape[1] + units[pos], axis=0).reshape(len(pos), *shape[2:])
         return out
