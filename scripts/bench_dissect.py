@@ -5,7 +5,9 @@ dataset sizes, and a re-run with 1% more images. Writes outputs/bench/dissect.js
 The extract stage (which dissect needs) runs first and is not timed. Each dissect run starts from an
 empty map cache and no stored dissection, in a fresh child process, so its peak RSS is its own; the
 stage's time is the stage's own (``seconds`` of its summary; interpreter and torch start-up are on
-neither side). The bare forward uses the same DataLoader and batch size, the whole model, no hooks.
+neither side). The bare forward uses the same DataLoader and batch size, the whole model, no hooks;
+``ratio`` is against the model run as it is, ``ratio_to_channels_last`` against it run in the
+channels_last layout (weights too) that dissect's own forward uses on the CPU.
 
     python scripts/bench_dissect.py [--n 6000] [--n-lite 512] [--n-incremental 2000] [--threads 2]
         [--device cpu] [--models-cache outputs/cache/models]
@@ -30,6 +32,7 @@ from omegaconf import DictConfig
 from pipeline.cache import Cache
 from pipeline.data import load_dataset
 from pipeline.data.loader import record_loader
+from pipeline.methods.base import FastLayout
 from pipeline.runtime import Context
 from pipeline.stages import run_stages
 from pipeline.store.dissect import FOLDER
@@ -43,13 +46,15 @@ def config(outputs: Path, overrides: list[str]) -> DictConfig:
 
 
 @torch.no_grad()
-def bare_forward(ctx: Context, batch_size: int) -> float:
-    """Seconds for the same DataLoader and the whole model's forward, with nothing recorded."""
+def bare_forward(ctx: Context, batch_size: int, fast: bool = False) -> float:
+    """Seconds for the same DataLoader and the whole model's forward, with nothing recorded: the
+    model as it is, or (``fast``) in the channels_last layout dissect runs it in."""
     model = ctx.model
     model.module.eval()
+    run = FastLayout(model.module, ctx.device, weights=True) if fast else model.module
     start = time.perf_counter()
     for x, _ in record_loader(ctx.dataset.records, model.transform, batch_size, 0):
-        model.module(x.to(ctx.device))
+        run(x.to(ctx.device))
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -86,15 +91,17 @@ def measure(outputs: Path, overrides: list[str], threads: int, repeats: int) -> 
     ctx = Context(config(outputs, ["stage=dissect", *overrides]))
     n = len(ctx.dataset.records)
     bs = int(ctx.cfg.dissect.batch_size)
-    bare, ours, runs = [], [], []
+    bare, fast, ours, runs = [], [], [], []
     for _ in range(repeats):
         bare.append(bare_forward(ctx, bs))
+        fast.append(bare_forward(ctx, bs, fast=True))
         forget_dissection(outputs, ctx)
         run = dissect_in_child(outputs, overrides, threads)
         ours.append(run["stage"]["seconds"])
         runs.append(run)
     best = runs[ours.index(min(ours))]
     return {"images": n, "bare_s": min(bare), "dissect_s": min(ours), "ratio": min(bare) / min(ours),
+            "bare_channels_last_s": min(fast), "ratio_to_channels_last": min(fast) / min(ours),
             "bare_images_per_s": n / min(bare), "dissect_images_per_s": n / min(ours),
             "seconds_by_pass": best["stage"]["seconds_by_pass"], "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
             "iou_size": best["stage"]["iou_size"],
@@ -162,6 +169,8 @@ def main() -> None:
                              "extract.batch_size=32", "dissect.batch_size=32"], args.threads, args.repeats)
         incr = incremental(tmp, args.n_incremental, args.threads)
     result = {"ratio_digits_cnn": digits["ratio"], "ratio_efficientnet_lite0": lite["ratio"],
+              "ratio_to_channels_last_digits_cnn": digits["ratio_to_channels_last"],
+              "ratio_to_channels_last_efficientnet_lite0": lite["ratio_to_channels_last"],
               "peak_rss_mb": max(digits["peak_rss_mb"], lite["peak_rss_mb"]),
               "peak_rss_mb_by_images_digits_cnn": {str(half["images"]): half["peak_rss_mb"],
                                                    str(digits["images"]): digits["peak_rss_mb"]},

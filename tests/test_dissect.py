@@ -129,6 +129,30 @@ def test_concepts_from_boxes_masks_and_fragments(tmp_path: Path) -> None:
     assert cpt.iou_size((224, 224), None) == (224, 224)
 
 
+def test_same_frame_concepts_equal_the_transformed_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images the transform leaves in place skip the transform steps (masks read as they are, boxes
+    only clipped): the same masks and problems as through every step."""
+    from torchvision import transforms as T
+
+    mask = np.zeros((16, 16), np.uint8)
+    mask[3:9, 5:12] = 200
+    Image.fromarray(mask, "L").save(tmp_path / "obj.png")
+    Image.fromarray(mask).convert("RGB").save(tmp_path / "rgb.png")
+    Image.new("L", (8, 8)).save(tmp_path / "small.png")
+    rec = {"box_x0": 2.0, "box_y0": 2.0, "box_x1": 13.0, "box_y1": 10.0, "mask": str(tmp_path / "obj.png"),
+           "fragment_boxes": "-3,-3,2.4,2;14.6,12,20,20;30,30,40,40",
+           "concepts": f"rgb={tmp_path / 'rgb.png'};bad={tmp_path / 'small.png'};gone={tmp_path / 'no.png'}"}
+    args = (rec, "7", (16, 16), T.Compose([T.Resize(16), T.CenterCrop(16), T.ToTensor()]), (16, 16), (8, 8))
+    assert cpt.same_frame(*args[2:5])
+    fast, fast_problems = cpt.image_concepts(*args)
+    monkeypatch.setattr(cpt, "same_frame", lambda *a: False)
+    slow, slow_problems = cpt.image_concepts(*args)
+    assert [n for n, _ in fast] == [n for n, _ in slow] == ["7", "fragment", "rgb", "background"]
+    for (_, a), (_, b) in zip(fast, slow):
+        assert a.dtype == b.dtype == bool and np.array_equal(a, b)
+    assert len(fast_problems) == len(slow_problems) == 2 and "8x8" in fast_problems[0]
+
+
 # --------------------------------------------------------------------------------- stage ---
 
 class SquareNet(nn.Module):

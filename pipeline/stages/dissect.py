@@ -6,23 +6,25 @@ masks, summed over the dataset; plus class selectivity from labels alone (purity
 images, and Morcos et al.'s selectivity index). Results go into the activation store's ``.meta``
 (``pipeline.store.dissect``).
 
-The model runs once per image: its layer maps (float16, layer resolution) are kept in a map cache
-keyed by image id, so a re-run with more images forwards only the new ones, then recomputes the
-thresholds and IoUs from the cached maps. A layer whose inputs (images, concepts, settings, store)
-did not change is not recomputed at all. Cache parts are written by a second thread while the model
-runs on, and the next batch's concept masks are built by one while the IoUs of a batch are counted.
+The model runs once per image (on the CPU in ``channels_last``, weights too: :class:`FastLayout`):
+its layer maps (float16, layer resolution) are kept in a map cache keyed by image id, so a re-run
+with more images forwards only the new ones, then recomputes the thresholds and IoUs from the cached
+maps. A layer whose inputs (images, concepts, settings, store) did not change is not recomputed at
+all. Cache parts are written by a second thread while the model runs on, and the concept masks are
+built by a low-priority process from the start (:class:`ConceptSpool`).
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from pipeline.dissect import iou as iou_m
 from pipeline.dissect import selectivity as sel
 from pipeline.dissect import threshold as thr
 from pipeline.errors import PipelineError
+from pipeline.methods.base import FastLayout
 from pipeline.methods.hooks import truncated_forward
 from pipeline.runtime import Context, show
 from pipeline.settings import plain
@@ -113,6 +116,7 @@ def fill_cache(ctx: Context, recs: pd.DataFrame, caches: dict[str, MapCache]) ->
     dcfg, model = ctx.cfg.dissect, ctx.model
     model.module.eval()
     layers = list(caches)
+    fast = FastLayout(model.module, ctx.device, weights=True)
     part = int(dcfg.part_size)
     writing: Future | None = None
     with tqdm(total=len(todo), desc="dissect: forward", unit="img", disable=None if ctx.progress else True) as bar, \
@@ -122,7 +126,7 @@ def fill_cache(ctx: Context, recs: pd.DataFrame, caches: dict[str, MapCache]) ->
             out: dict[str, list[np.ndarray]] = {}  # per layer: maps, maxima, means, block maxima of the part
             pos = 0
             for x, _ in record_loader(chunk, model.transform, int(dcfg.batch_size), int(dcfg.num_workers)):
-                maps = truncated_forward(model.module, x.to(ctx.device), layers)
+                maps = fast.apply(lambda module, b: truncated_forward(module, b, layers), x.to(ctx.device))
                 for layer in layers:
                     m = maps[layer]
                     if m.dim() != 4:
@@ -192,41 +196,73 @@ def concept_index(ctx: Context, recs: pd.DataFrame) -> dict[str, int]:
     return {n: i for i, n in enumerate(names)}
 
 
+class ConceptBuilder:
+    """Builds the concept codes of one batch of records and spills them to a scratch file."""
+
+    def __init__(self, rows: list[dict[str, Any]], index: dict[str, int], size: tuple[int, int], transform: Any,
+                 input_hw: tuple[int, int], batch: int, scratch: str) -> None:
+        self.rows, self.index, self.size, self.transform = rows, index, size, transform
+        self.input_hw, self.batch, self.scratch = input_hw, batch, scratch
+
+    def __call__(self, start: int) -> tuple[str, list[str]]:
+        """The scratch file of the batch at ``start``, and the problems met (masks skipped)."""
+        per_image, skipped = [], []
+        for rec in self.rows[start:start + self.batch]:
+            items, problems = cpt.image_concepts(rec, rec["class_name"], cpt.image_size(rec["path"]), self.transform,
+                                                 self.input_hw, self.size)
+            skipped.extend(problems)
+            per_image.append(items)
+        bits, ids = cpt.stack_slots(per_image, self.index, self.size)
+        path = str(Path(self.scratch) / f"{start}.npz")
+        np.savez(path, bits=bits, ids=ids)
+        return path, skipped
+
+
+_BUILDER: list[ConceptBuilder] = []  # in a spool's worker process: its builder
+
+
+def _start_builder(builder: ConceptBuilder) -> None:
+    lower_priority()
+    _BUILDER.append(builder)
+
+
+def _build(start: int) -> tuple[str, list[str]]:
+    return _BUILDER[0](start)
+
+
 class ConceptSpool:
-    """The concept masks of every batch of ``recs`` at ``size``, built in order by a second thread from
-    the moment the spool is made: it overlaps the forward pass (whose image loading leaves a core
-    idle) and the IoU pass. Each batch is spilled to a scratch file until it is read, so memory does
-    not grow with the dataset. Problems (a mask missing or of another size) go to ``skipped``."""
+    """The concept masks of every batch of ``recs`` at ``size``, built in order from the moment the
+    spool is made, by a low-priority forked process where there is ``fork`` (Linux; elsewhere a
+    thread): it then runs on the core the forward pass's image loading leaves idle, where a thread
+    would take the interpreter lock from the loading. Each batch is spilled to a scratch file until
+    it is read, so memory does not grow with the dataset. Problems (a mask missing or of another
+    size) go to ``skipped``."""
 
     def __init__(self, ctx: Context, recs: pd.DataFrame, index: dict[str, int], size: tuple[int, int],
                  batch: int) -> None:
         self.skipped: list[str] = []
         self.index = index  # concept -> its column
-        self._rows, self._size, self._batch = recs.to_dict("records"), size, batch
-        self._transform, self._input_hw = ctx.model.transform, tuple(ctx.model.input_shape[-2:])
         self._scratch = tempfile.TemporaryDirectory(prefix="dissect-concepts-")
-        self._pool = ThreadPoolExecutor(1, initializer=lower_priority)
-        self._batches = [self._pool.submit(self._build, start) for start in range(0, len(self._rows), batch)]
-
-    def _build(self, start: int) -> Path:
-        per_image = []
-        for rec in self._rows[start:start + self._batch]:
-            items, problems = cpt.image_concepts(rec, rec["class_name"], cpt.image_size(rec["path"]), self._transform,
-                                                 self._input_hw, self._size)
-            self.skipped.extend(problems)
-            per_image.append(items)
-        bits, ids = cpt.stack_slots(per_image, self.index, self._size)
-        path = Path(self._scratch.name) / f"{start}.npz"
-        np.savez(path, bits=bits, ids=ids)
-        return path
+        builder = ConceptBuilder(recs.to_dict("records"), index, size, ctx.model.transform,
+                                 tuple(ctx.model.input_shape[-2:]), batch, self._scratch.name)
+        starts = range(0, len(recs), batch)
+        self._pool: Executor
+        if sys.platform.startswith("linux"):  # fork: the builder is inherited, nothing is pickled
+            self._pool = ProcessPoolExecutor(1, mp_context=mp.get_context("fork"), initializer=_start_builder,
+                                             initargs=(builder,))
+            self._batches = [self._pool.submit(_build, start) for start in starts]
+        else:
+            self._pool = ThreadPoolExecutor(1, initializer=lower_priority)
+            self._batches = [self._pool.submit(builder, start) for start in starts]
 
     def __iter__(self) -> Iterator[iou_m.Codes]:
         """The batches' concept codes, in order."""
         for batch in self._batches:
-            path = batch.result()
+            path, problems = batch.result()
+            self.skipped.extend(problems)
             with np.load(path) as f:
                 bits, ids = f["bits"], f["ids"]
-            path.unlink()
+            Path(path).unlink()
             yield iou_m.slot_codes(torch.from_numpy(bits.astype(np.int64)), torch.from_numpy(ids), len(self.index))
 
     def close(self) -> None:
@@ -335,11 +371,11 @@ def run(ctx: Context) -> dict[str, Any]:
     timings: dict[str, float] = {}
     if todo:
         caches = {layer: MapCache(ctx.cache.root, ctx.model.key, layer) for layer in todo}
-        clock = time.perf_counter()
-        forwarded = fill_cache(ctx, recs, caches)
-        timings["forward"] = time.perf_counter() - clock
         spool = ConceptSpool(ctx, recs, concept_index(ctx, recs), size, int(ctx.cfg.dissect.part_size))
         try:
+            clock = time.perf_counter()
+            forwarded = fill_cache(ctx, recs, caches)
+            timings["forward"] = time.perf_counter() - clock
             summaries, skipped = dissect_layers_now(ctx, store, todo, recs, caches, size, keys, spool, timings)
         finally:
             spool.close()
