@@ -13,7 +13,10 @@ only): one call on 32 images against 32 calls of the reference.
 Writes ``outputs/bench/explain.json``: ``{model: {method: {"ms", "reference_ms", "speedup",
 "reference", ...}}}`` with speedup = reference_ms / ms, one entry per registered method (a method
 without a reference gets ``reference: null``). Both sides run with the same number of torch threads
-(1 by default: on a shared 2-core machine, 2 threads make timings swing).
+(1 by default: on a shared 2-core machine, 2 threads make timings swing). A method with a
+``low_precision`` setting is timed at its default (``precision`` in its entry: RISE in bfloat16 where
+that is native, Score-CAM in float32) and the other way too (``float32`` / ``low_precision``), beside
+how far that moves its map and, for RISE, how far another seed moves it.
 Usage: ``python scripts/bench_explain.py [--repeats 3] [--threads 1] [--models resnet18]``.
 """
 
@@ -39,7 +42,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from skimage import data as skdata
 from torch import nn
 
-from pipeline.methods.base import MapMethod
+from pipeline.methods.base import MapMethod, low_precision_active
 from pipeline.methods.hooks import get_layer
 from pipeline.methods.masking import rise_masks
 from pipeline.methods.registry import METHODS, make_method
@@ -170,6 +173,24 @@ def models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
             "resnet18": (resnet, resnet_tf(cat)[None])}
 
 
+def precision_entry(name: str, model: nn.Module, x: torch.Tensor, target: int, repeats: int, warmup: bool,
+                    out: dict[str, Any], reference_ms: float, low: bool) -> dict[str, Any]:
+    """The method with ``low_precision`` set to ``low`` (the other way from its default): its time,
+    its speedup over the reference, and how far its map is from the default's and the reference's;
+    for a method with random draws, also how far another seed moves the default map (its own noise)."""
+    settings = dict(SETTINGS.get(name) or {})
+    other = make_method(name, {**settings, "low_precision": low}).prepare(model, x)
+    ms, got = timed({"other": lambda: other(model, x, target)}, repeats, warmup)
+    entry = {"ms": round(ms["other"], 2), "speedup": round(reference_ms / ms["other"], 3),
+             "max_rel_diff_to_default": difference(name, got["other"], out["ours"])}
+    if name not in NOT_COMPARED:
+        entry["max_rel_diff_to_reference"] = difference(name, got["other"], out["ref"])
+    if "seed" in settings:
+        seed = make_method(name, {**settings, "seed": settings["seed"] + 1}).prepare(model, x)
+        entry["default_other_seed_max_rel_diff"] = difference(name, seed(model, x, target), out["ours"])
+    return entry
+
+
 def bench_method(name: str, method: MapMethod, model: nn.Module, x: torch.Tensor, target: int,
                  repeats: int, batch: int, warmup: bool = True) -> dict[str, Any]:
     """One method's entry: per-image times, ratio, output difference; batched figures for cheap methods."""
@@ -187,12 +208,19 @@ def bench_method(name: str, method: MapMethod, model: nn.Module, x: torch.Tensor
                  reference=label, repeats=repeats)
     if name not in NOT_COMPARED:
         entry["max_rel_diff"] = difference(name, out["ours"], out["ref"])
+    line_low = ""
+    if "low_precision" in method.settings and low_precision_active(x.device):
+        low = not METHODS[name].DEFAULTS["low_precision"]
+        key = "low_precision" if low else "float32"
+        entry["precision"] = "float32" if low else "bfloat16"
+        entry[key] = precision_entry(name, model, x, target, repeats, warmup, out, ms["ref"], low)
+        line_low = f"   {key} {entry[key]['speedup']:5.2f}x"
     if name == "gradcam":  # Captum's Grad-CAM too, beside pytorch-grad-cam's
         cap, _ = timed({"captum": lambda: _captum_gradcam(model, x, target, layer)}, repeats)
         entry["captum_ms"] = round(cap["captum"], 2)
     line = (f"  {name:22s} ours {ms['ours']:10.1f} ms   reference {ms['ref']:10.1f} ms   speedup "
             f"{ms['ref'] / ms['ours']:6.2f}x" + (f"   max rel diff {entry['max_rel_diff']:.1e}"
-                                                   if "max_rel_diff" in entry else ""))
+                                                   if "max_rel_diff" in entry else "") + line_low)
     if batch > 1 and name in CHEAP:
         xs = x.expand(batch, -1, -1, -1).contiguous() + 0.01 * torch.randn(batch, *x.shape[1:],
                                                                           generator=torch.Generator().manual_seed(1))

@@ -13,7 +13,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.methods.base import fold_batchnorm
+from pipeline.methods.base import fold_batchnorm, low_precision_active
 from pipeline.methods.masking import RISE, AblationCAM, RiseMasks, ScoreCAM, rise_masks
 from pipeline.methods.registry import METHODS
 from tests.helpers import TinyResNet as Net
@@ -237,6 +237,25 @@ def test_rise_same_seed_same_map_other_seed_other_map(net: Net) -> None:
     assert not torch.allclose(RISE(masks=30, seed=2)(net, x, 2), a)
 
 
+@pytest.mark.parametrize("cls", [ScoreCAM, RISE], ids=["scorecam", "rise"])
+def test_low_precision_is_a_setting_and_stays_near_float32(net: Net, cls) -> None:
+    """low_precision enters the cache key as what runs (bfloat16 only where it is native); the map
+    then moves by the rounding of the scores only."""
+    x = torch.randn(2, 3, 16, 16)
+    extra = {"layer": "block"} if cls is ScoreCAM else {"masks": 60}
+    low = cls(low_precision=True, **extra).prepare(net, x[:1])
+    assert low.settings["low_precision"] is low_precision_active(x.device)
+    full = cls(low_precision=False, **extra).prepare(net, x[:1])
+    assert full.settings["low_precision"] is False
+    # on by default for RISE only, whose own sampling noise is far above the rounding; Score-CAM keeps
+    # float32 parity with pytorch-grad-cam unless asked
+    assert cls.DEFAULTS["low_precision"] is (cls is RISE)
+    a, b = (_minmax(m.attribute(net, x, torch.tensor([2, 0])).maps) for m in (full, low))
+    assert np.abs(a - b).max() < 0.05
+    if low.settings["low_precision"]:
+        assert np.abs(a - b).max() > 0  # the passes really ran in bfloat16
+
+
 @pytest.mark.parametrize(("cls", "settings", "match"), [
     (RISE, {"p": 1.5}, "explain.rise.p must be a probability"),
     (RISE, {"p": 0}, "explain.rise.p must be a probability"),
@@ -247,6 +266,8 @@ def test_rise_same_seed_same_map_other_seed_other_map(net: Net) -> None:
     (RISE, {"mask": 10}, "mask is not a setting of rise.*Did you mean: masks"),
     (ScoreCAM, {"batch_size": -1}, "explain.scorecam.batch_size must be a positive integer"),
     (AblationCAM, {"batch_size": "8"}, "explain.ablationcam.batch_size must be a positive integer"),
+    (ScoreCAM, {"low_precision": "yes"}, "explain.scorecam.low_precision must be true or false"),
+    (RISE, {"low_precision": 1}, "explain.rise.low_precision must be true or false"),
 ])
 def test_bad_settings_name_the_setting(cls, settings: dict, match: str) -> None:
     with pytest.raises(PipelineError, match=match):

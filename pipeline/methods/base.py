@@ -175,6 +175,10 @@ class MapMethod:
                                 f"Use one of {', '.join(choices)}.")
         self.settings[key] = value
 
+    def _flag(self, key: str) -> None:
+        if not isinstance(self.settings[key], bool):
+            raise PipelineError(f"explain.{self.name}.{key} must be true or false, got {self.settings[key]!r}.")
+
     def _positive(self, *keys: str, store: dict[str, Any] | None = None, integer: bool = True) -> None:
         where = self.settings if store is None else store
         for key in keys:
@@ -197,6 +201,18 @@ def pass_size(x: torch.Tensor) -> int:
     if x.device.type != "cpu":
         return x.shape[0]
     return max(1, min(x.shape[0], CPU_PASS_PIXELS // (x.shape[-2] * x.shape[-1])))
+
+
+def low_precision_supported() -> bool:
+    """Whether this CPU runs bfloat16 convolutions natively (AVX512-BF16 or AMX); elsewhere
+    they are emulated and slower than float32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def low_precision_active(device: torch.device) -> bool:
+    """Whether the bfloat16 change path runs on ``device``: any accelerator, or a CPU with native
+    bfloat16 (the engines and the methods' cache keys ask this)."""
+    return device.type != "cpu" or low_precision_supported()
 
 
 class FastLayout:
@@ -288,10 +304,18 @@ def fold_batchnorm(model: nn.Module, x0: torch.Tensor) -> nn.Module:
 class Runner(FastLayout):
     """The model on batches of (masked or path) inputs, in the fast layout (:class:`FastLayout`)
     and with its BatchNorms folded (:func:`fold_batchnorm`) unless ``fold`` is off (for hooks on
-    the model)."""
+    the model); with ``low_precision`` under bfloat16 autocast where that is native
+    (:func:`low_precision_active`), float32 logits either way."""
 
-    def __init__(self, model: nn.Module, x0: torch.Tensor, fold: bool = True) -> None:
+    def __init__(self, model: nn.Module, x0: torch.Tensor, fold: bool = True, low_precision: bool = False) -> None:
         super().__init__(fold_batchnorm(model, x0) if fold else model, x0.device)
+        self.low_precision = low_precision and low_precision_active(x0.device)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if not self.low_precision:
+            return super().__call__(batch)
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16):
+            return super().__call__(batch).float()
 
 
 def targets_for(logits: torch.Tensor, target: Target) -> torch.Tensor:

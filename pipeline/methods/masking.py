@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.errors import PipelineError
-from pipeline.methods.base import Explanation, LayerMethod, MapMethod, Runner
+from pipeline.methods.base import (Explanation, LayerMethod, LocalizerSource, MapMethod, Runner,
+                                   low_precision_active)
 from pipeline.methods.hooks import Target, check_target, get_layer, replacing_outputs
 
 
@@ -34,8 +35,9 @@ def channel_maps(act: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 @torch.no_grad()
 def score_cam_scores(model: nn.Module, x: torch.Tensor, t: torch.Tensor, act: torch.Tensor,
-                     batch_size: int = 16) -> torch.Tensor:
-    """The target logit (B,C) on each image times each channel's upsampled, min-max normalised map.
+                     batch_size: int = 16, low_precision: bool = False) -> torch.Tensor:
+    """The target logit (B,C) on each image times each channel's upsampled, min-max normalised map
+    (the masked passes in bfloat16 with ``low_precision``, where that is native).
 
     A constant channel's mask is zero, so its masked image is the zero image whatever the input:
     one forward pass gives the score of all of them.
@@ -49,7 +51,7 @@ def score_cam_scores(model: nn.Module, x: torch.Tensor, t: torch.Tensor, act: to
     hi = torch.cat([s.max for s in spans])
     constant = hi == lo
     active = (~constant).nonzero()[:, 0]
-    run = Runner(model, x[:1])
+    run = Runner(model, x[:1], low_precision=low_precision)
     scores = torch.empty(b * c, dtype=act.dtype, device=act.device)
     for i in range(0, active.numel(), batch_size):
         idx = active[i:i + batch_size]
@@ -71,16 +73,23 @@ class ScoreCAM(LayerMethod):
     name = "scorecam"
     title = "Score-CAM"
     uses_gradients = False
+    DEFAULTS = {**LayerMethod.DEFAULTS, "low_precision": False}
     OPTIONS = {"batch_size": 16}
     many_passes = True
     description = "channels weighted by the target's score on the image masked by each (Wang et al. 2020)"
 
     def validate(self) -> None:
         self._positive("batch_size", store=self.options)
+        self._flag("low_precision")
+
+    def prepare(self, model: nn.Module, x0: torch.Tensor, env: LocalizerSource | None = None) -> MapMethod:
+        super().prepare(model, x0, env)
+        self.settings["low_precision"] = self.settings["low_precision"] and low_precision_active(x0.device)
+        return self
 
     def cam(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, act: torch.Tensor,
             grad: torch.Tensor | None) -> torch.Tensor:
-        scores = score_cam_scores(model, x, t, act, self.options["batch_size"])
+        scores = score_cam_scores(model, x, t, act, self.options["batch_size"], self.settings["low_precision"])
         return torch.einsum("bc,bchw->bhw", torch.softmax(scores, dim=1), act)
 
 
@@ -226,9 +235,10 @@ def rise_masks(count: int, cells: int, p: float, seed: int, size: tuple[int, int
 
 @torch.no_grad()
 def rise(model: nn.Module, x: torch.Tensor, t: torch.Tensor, masks: RiseMasks, p: float,
-         batch_size: int = 16) -> torch.Tensor:
-    """RISE maps (B,H,W): sum_i softmax(model(x * M_i))[target] * M_i / (N p)."""
-    run = Runner(model, x[:1])
+         batch_size: int = 16, low_precision: bool = False) -> torch.Tensor:
+    """RISE maps (B,H,W): sum_i softmax(model(x * M_i))[target] * M_i / (N p), the masked passes
+    in bfloat16 with ``low_precision`` (where that is native)."""
+    run = Runner(model, x[:1], low_precision=low_precision)
     total = torch.zeros(x.shape[0], x.shape[-2] * x.shape[-1], dtype=x.dtype, device=x.device)
     for i in range(0, len(masks), batch_size):
         m = masks.chunk(i, i + batch_size).to(device=x.device, dtype=x.dtype)
@@ -244,7 +254,7 @@ class RISE(MapMethod):
 
     name = "rise"
     title = "RISE"
-    DEFAULTS = {"masks": 2000, "cells": 8, "p": 0.5, "seed": 0}
+    DEFAULTS = {"masks": 2000, "cells": 8, "p": 0.5, "seed": 0, "low_precision": True}
     OPTIONS = {"batch_size": 16}
     many_passes = True
     description = "target probability averaged over random coarse masks (Petsiuk et al. 2018)"
@@ -260,11 +270,17 @@ class RISE(MapMethod):
         seed = self.settings["seed"]
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise PipelineError(f"explain.rise.seed must be an integer, got {seed!r}.")
+        self._flag("low_precision")
+
+    def prepare(self, model: nn.Module, x0: torch.Tensor, env: LocalizerSource | None = None) -> MapMethod:
+        super().prepare(model, x0, env)
+        self.settings["low_precision"] = self.settings["low_precision"] and low_precision_active(x0.device)
+        return self
 
     def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:
         s = self.settings
         with torch.no_grad():
             t = check_target(target, model(x[:1]).shape[1], x.shape[0]).to(x.device)
         masks = RiseMasks.draw(s["masks"], s["cells"], s["p"], s["seed"], (x.shape[-2], x.shape[-1]))
-        maps = rise(model, x, t, masks, s["p"], self.options["batch_size"])
+        maps = rise(model, x, t, masks, s["p"], self.options["batch_size"], s["low_precision"])
         return Explanation(maps)

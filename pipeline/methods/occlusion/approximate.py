@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.methods.base import low_precision_active
 from pipeline.methods.occlusion.krypton import IncrementalEngine
 
 
@@ -103,18 +104,6 @@ def drill_down(evaluate: Callable[[torch.Tensor], torch.Tensor], grid: tuple[int
     if len(refine):
         logits[refine] = evaluate(refine)
     return logits, torch.cat([first, refine]).sort().values
-
-
-def low_precision_supported() -> bool:
-    """Whether this CPU runs bfloat16 convolutions natively (AVX512-BF16 or AMX); elsewhere
-    they are emulated and slower than float32."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def low_precision_active(device: torch.device) -> bool:
-    """Whether the bfloat16 change path runs on ``device``: any accelerator, or a CPU with native
-    bfloat16 (the engine and the explain stage's cache key both ask this)."""
-    return device.type != "cpu" or low_precision_supported()
 
 
 class ApproximateEngine(IncrementalEngine):
