@@ -210,8 +210,8 @@ def low_precision_supported() -> bool:
 
 
 def low_precision_active(device: torch.device) -> bool:
-    """Whether the bfloat16 change path runs on ``device``: any accelerator, or a CPU with native
-    bfloat16 (the engines and the methods' cache keys ask this)."""
+    """Whether ``low_precision`` runs in bfloat16 on ``device``: on any accelerator, or a CPU with
+    native bfloat16 (the occlusion engines and the masked methods ask this, and key on the answer)."""
     return device.type != "cpu" or low_precision_supported()
 
 
@@ -247,7 +247,7 @@ class FastLayout:
 
 
 # channels_last copies by model, reused while none of the model's parameters or buffers changed
-_CHANNELS_LAST: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], nn.Module]] = weakref.WeakKeyDictionary()
+_CHANNELS_LAST: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], nn.Module | None]] = weakref.WeakKeyDictionary()
 
 
 def channels_last_copy(model: nn.Module) -> nn.Module:
@@ -259,13 +259,13 @@ def channels_last_copy(model: nn.Module) -> nn.Module:
     versions = _state_versions(model)
     hit = _CHANNELS_LAST.get(model)
     if hit is not None and hit[0] == versions:
-        return hit[1]
+        return model if hit[1] is None else hit[1]
     try:
-        fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        fast: nn.Module | None = copy.deepcopy(model).to(memory_format=torch.channels_last)
     except Exception:  # a module that does not deep-copy: as it is
-        fast = model
+        fast = None  # (not the model itself: the entry would keep its key alive)
     _CHANNELS_LAST[model] = (versions, fast)
-    return fast
+    return model if fast is None else fast
 
 
 # folded copies by model: reused while none of the model's parameters or buffers changed
