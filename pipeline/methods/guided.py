@@ -42,8 +42,11 @@ class _GuidedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (out,) = ctx.saved_tensors
-        linear = out > 0 if ctx.upper is None else (out > 0) & (out < ctx.upper)
-        return grad.clamp(min=0.0) * linear, None
+        positive = grad.relu()
+        # the ReLU's (ReLU6's) own backward kernels: the gradient where 0 < out (< upper), else 0
+        if ctx.upper is None:
+            return torch.ops.aten.threshold_backward(positive, out, 0.0), None
+        return torch.ops.aten.hardtanh_backward(positive, out, 0.0, ctx.upper), None
 
 
 def guided_gradient(model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor:
