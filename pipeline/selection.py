@@ -302,6 +302,19 @@ def geometric_steps(transform: Any) -> list[Any] | None:
     return moving if all(isinstance(t, (T.Resize, T.CenterCrop)) for t in moving) else None
 
 
+def open_mask(path: str, size: tuple[int, int]) -> Image.Image:
+    """An object mask PNG as a greyscale image, checked to be ``size`` (width, height), its image's
+    size. Raises ValueError saying why when it cannot be used."""
+    try:
+        with Image.open(path) as im:
+            mask = im.convert("L") if im.mode != "L" else im.copy()
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read mask {path}: {err}") from err
+    if mask.size != tuple(size):
+        raise ValueError(f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is {size[0]}x{size[1]}")
+    return mask
+
+
 def input_mask(path: str, size: tuple[int, int], transform: Any, input_hw: tuple[int, int]) -> torch.Tensor:
     """An object mask PNG (nonzero = object) of an image of ``size`` (width, height) as a (H,W)
     bool tensor in the model's input coordinates, through the same Resize and CenterCrop as the
@@ -309,13 +322,7 @@ def input_mask(path: str, size: tuple[int, int], transform: Any, input_hw: tuple
     steps = geometric_steps(transform)
     if steps is None:
         raise ValueError("the model's transform moves pixels in a way masks cannot follow")
-    try:
-        with Image.open(path) as im:
-            mask = im.convert("L")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read mask {path}: {err}") from err
-    if mask.size != tuple(size):
-        raise ValueError(f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is {size[0]}x{size[1]}")
+    mask = open_mask(path, size)
     for t in steps:
         if isinstance(t, T.Resize):
             mask = TF.resize(mask, t.size, interpolation=T.InterpolationMode.NEAREST, max_size=t.max_size)
@@ -356,6 +363,11 @@ def input_box(box: Sequence[float], size: tuple[int, int], transform: Any,
                 return None
     if (h, w) != tuple(input_hw):
         return None
-    x0, x1 = max(0.0, x0), min(float(w), x1)
-    y0, y1 = max(0.0, y0), min(float(h), y1)
+    return clip_box((x0, y0, x1, y1), (w, h))
+
+
+def clip_box(box: Sequence[float], size: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """A box (x0, y0, x1, y1) clipped to an image of ``size`` (width, height); None when nothing is left."""
+    x0, y0 = max(0.0, float(box[0])), max(0.0, float(box[1]))
+    x1, y1 = min(float(size[0]), float(box[2])), min(float(size[1]), float(box[3]))
     return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from pipeline.selection import geometric_steps, input_box, input_mask
+from pipeline.selection import clip_box, geometric_steps, input_box, input_mask, open_mask
 
 FRAGMENT = "fragment"
 BACKGROUND = "background"
@@ -115,28 +115,6 @@ def _box_of(rec: Mapping[str, Any]) -> tuple[float, float, float, float] | None:
     return tuple(float(v) for v in values)
 
 
-def read_mask(path: str, image_size: tuple[int, int]) -> np.ndarray:
-    """An object mask PNG (nonzero = object) of an image of ``image_size`` (width, height) that the
-    model's transform leaves in place: (H,W) bool, with no transform steps to follow. Raises
-    ValueError saying why when it cannot be used."""
-    try:
-        with Image.open(path) as im:
-            if im.size != tuple(image_size):
-                raise ValueError(f"mask {path} is {im.size[0]}x{im.size[1]} but its image is "
-                                 f"{image_size[0]}x{image_size[1]}")
-            return np.asarray(im if im.mode == "L" else im.convert("L")) > 0
-    except OSError as err:
-        raise ValueError(f"cannot read mask {path}: {err}") from err
-
-
-def clip_box(box: Sequence[float], image_size: tuple[int, int]) -> tuple[float, float, float, float] | None:
-    """A box of an image the transform leaves in place, clipped to it (None when nothing is left),
-    as :func:`~pipeline.selection.input_box` gives it with no steps to follow."""
-    x0, y0, x1, y1 = max(0.0, float(box[0])), max(0.0, float(box[1])), float(box[2]), float(box[3])
-    x1, y1 = min(float(image_size[0]), x1), min(float(image_size[1]), y1)
-    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
-
-
 def image_concepts(rec: Mapping[str, Any], class_name: str | None, image_size: tuple[int, int], transform: Any,
                    input_hw: tuple[int, int], size: tuple[int, int]
                    ) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
@@ -148,7 +126,7 @@ def image_concepts(rec: Mapping[str, Any], class_name: str | None, image_size: t
 
     def load(path: str) -> np.ndarray | None:
         try:
-            mask = (read_mask(path, image_size) if same else
+            mask = (np.asarray(open_mask(path, image_size)) > 0 if same else
                     input_mask(path, image_size, transform, input_hw).numpy())
             return resize_mask(mask, size)
         except (ValueError, FileNotFoundError) as err:

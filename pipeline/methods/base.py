@@ -136,6 +136,8 @@ class MapMethod:
         if self.needs_hooks and is_scripted(model):
             raise NotApplicable(f"{self.label} needs forward hooks, which TorchScript modules do not take: "
                                 "load the model with model=exported (torch.export) or as an nn.Module instead.")
+        if "low_precision" in self.settings:  # the key holds what runs: bfloat16 only where it is native
+            self.settings["low_precision"] = self.settings["low_precision"] and low_precision_active(x0.device)
         return self
 
     def conversion_facts(self) -> dict[str, Any] | None:

@@ -23,8 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.errors import PipelineError
-from pipeline.methods.base import (Explanation, LayerMethod, LocalizerSource, MapMethod, Runner,
-                                   low_precision_active)
+from pipeline.methods.base import Explanation, LayerMethod, MapMethod, Runner
 from pipeline.methods.hooks import Target, check_target, get_layer, replacing_outputs
 
 
@@ -81,11 +80,6 @@ class ScoreCAM(LayerMethod):
     def validate(self) -> None:
         self._positive("batch_size", store=self.options)
         self._flag("low_precision")
-
-    def prepare(self, model: nn.Module, x0: torch.Tensor, env: LocalizerSource | None = None) -> MapMethod:
-        super().prepare(model, x0, env)
-        self.settings["low_precision"] = self.settings["low_precision"] and low_precision_active(x0.device)
-        return self
 
     def cam(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, act: torch.Tensor,
             grad: torch.Tensor | None) -> torch.Tensor:
@@ -271,11 +265,6 @@ class RISE(MapMethod):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise PipelineError(f"explain.rise.seed must be an integer, got {seed!r}.")
         self._flag("low_precision")
-
-    def prepare(self, model: nn.Module, x0: torch.Tensor, env: LocalizerSource | None = None) -> MapMethod:
-        super().prepare(model, x0, env)
-        self.settings["low_precision"] = self.settings["low_precision"] and low_precision_active(x0.device)
-        return self
 
     def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:
         s = self.settings

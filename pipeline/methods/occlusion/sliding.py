@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError, suggest
-from pipeline.methods.base import Explanation, MapMethod
+from pipeline.methods.base import Explanation, MapMethod, low_precision_active
 from pipeline.methods.hooks import Target, check_target
 from pipeline.methods.occlusion.engines import Engine, PlainEngine
-from pipeline.methods.base import low_precision_active
 from pipeline.methods.occlusion.approximate import ApproximateEngine
 from pipeline.methods.occlusion.krypton import IncrementalEngine
 from pipeline.methods.occlusion.patches import FILLS, make_fill, occlusion_boxes, window_average
