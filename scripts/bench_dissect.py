@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from pipeline.cache import Cache
 from pipeline.data import load_dataset
 from pipeline.data.loader import record_loader
-from pipeline.methods.base import FastLayout
+from pipeline.methods.execution import FastLayout
 from pipeline.runtime import Context
 from pipeline.stages import run_stages
 from pipeline.store.dissect import FOLDER

@@ -42,7 +42,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from skimage import data as skdata
 from torch import nn
 
-from pipeline.methods.base import MapMethod, low_precision_active
+from pipeline.methods.base import MapMethod
+from pipeline.methods.execution import low_precision_active
 from pipeline.methods.hooks import get_layer
 from pipeline.methods.masking import rise_masks
 from pipeline.methods.registry import METHODS, make_method

@@ -4,6 +4,8 @@ whose answer is known, all on tiny hand-built models."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.methods.base import fold_batchnorm, low_precision_active
+from pipeline.methods.execution import fold_batchnorm, low_precision_active
 from pipeline.methods.masking import RISE, AblationCAM, RiseMasks, ScoreCAM, rise_masks
 from pipeline.methods.registry import METHODS
 from tests.helpers import TinyResNet as Net
@@ -124,57 +126,23 @@ def test_fold_batchnorm_keeps_the_logits_or_the_model(net: Net) -> None:
         bn.running_mean.sub_(1.0)
 
 
-def test_fast_layout_with_weights_runs_a_channels_last_copy() -> None:
-    """A one-channel input's layout is ambiguous: only weights in channels_last keep the network in
-    it. The copy gives the model's own maps, the model is left as it was, and a model that rejects
-    the layout runs as it is from then on."""
-    from pipeline.methods.base import FastLayout, channels_last_copy
-    from pipeline.methods.hooks import truncated_forward
-    from pipeline.models.digits import DigitsCNN
-
-    torch.manual_seed(0)
-    model = DigitsCNN(width=8).eval()
-    x = torch.randn(3, 1, 16, 16)
-    fast = FastLayout(model, torch.device("cpu"), weights=True)
-    assert fast.model is not model and channels_last_copy(model) is fast.model
-    with torch.no_grad():
-        got = fast.apply(lambda m, b: truncated_forward(m, b, ["features.pool1", "features.relu4"]), x)
-        want = truncated_forward(model, x, ["features.pool1", "features.relu4"])
-    for layer in want:
-        assert got[layer].is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(got[layer], want[layer], rtol=1e-5, atol=1e-6)
-    assert model.features.conv2.weight.is_contiguous() and not fast.model.features.conv2.weight.is_contiguous()
-    with torch.no_grad():
-        model.features.conv1.bias.add_(1.0)  # new weights: a new copy
-    assert channels_last_copy(model) is not fast.model
-
-    class Viewing(nn.Module):  # .view of a feature map: fails in channels_last
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(1, 4, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.conv(x).view(x.shape[0], -1)
-
-    viewing = Viewing().eval()
-    fast = FastLayout(viewing, torch.device("cpu"), weights=True)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(x), viewing(x))
-    assert fast.model is viewing and fast.memory_format is torch.contiguous_format
-
-
 def test_ablationcam_runs_the_trunk_once_per_batch_and_falls_back(net: Net, dense: DenseNet) -> None:
     x = torch.randn(2, 3, 16, 16)
     sizes, handle = _batch_sizes(net.stem)
     AblationCAM(layer="block", batch_size=4).attribute(net, x, 1)
     handle.remove()
     assert sizes == [2] + [1] * 6  # 9 copies (unablated + 8 channels) per image in batches of 4
+    dense = copy.deepcopy(dense)  # a model not seen yet: its first pass tries channels_last
     sizes, handle = _batch_sizes(dense.stem)
     AblationCAM(layer="mid", batch_size=4).attribute(dense, x, 1)
     handle.remove()
     # the cat fails on one image (in both layouts), so full copies of 7 (the first in channels_last,
     # which the view rejects)
     assert sizes == [2, 1, 1, 4, 4, 3, 4, 3]
+    sizes, handle = _batch_sizes(dense.stem)
+    AblationCAM(layer="mid", batch_size=4).attribute(dense, x, 1)
+    handle.remove()
+    assert sizes == [2, 1, 4, 3, 4, 3]  # the rejection is remembered: no second try in channels_last
 
 
 @pytest.mark.parametrize("cls", [ScoreCAM, AblationCAM, RISE], ids=["scorecam", "ablationcam", "rise"])

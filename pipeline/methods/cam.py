@@ -197,6 +197,7 @@ class CAM(MapMethod):
     another layer) on a GAP localizer fitted by the stage (``convert=auto``)."""
 
     name = "cam"
+    fast_model = True
     DEFAULTS = {"layer": None, "convert": "auto",
                 "fit": {"epochs": 100, "lr": 1.0, "weight_decay": 1e-4, "seed": 0}}  # the localizer's Linear
     needs_hooks = True

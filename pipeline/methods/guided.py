@@ -81,6 +81,7 @@ class GuidedBackprop(MapMethod):
     """Guided backprop: max over colour channels of |guided gradient|; the signed gradient is an extra."""
 
     name = "guided_backprop"
+    fast_model = True
     needs_hooks = True
     description = "gradient through ReLUs that pass only positive gradients (Springenberg et al. 2015)"
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.methods.base import Explanation, MapMethod, Runner
+from pipeline.methods.base import Explanation, MapMethod
+from pipeline.methods.execution import Runner
 from pipeline.methods.hooks import Target, check_target
 from pipeline.methods.blur import gaussian_blur
 

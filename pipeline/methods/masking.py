@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.errors import PipelineError
-from pipeline.methods.base import Explanation, LayerMethod, MapMethod, Runner
+from pipeline.methods.base import Explanation, LayerMethod, MapMethod
+from pipeline.methods.execution import Runner
 from pipeline.methods.hooks import Target, check_target, get_layer, replacing_outputs
 
 
@@ -70,6 +71,7 @@ class ScoreCAM(LayerMethod):
     channel's map (upsampled with ``align_corners=True`` and min-max normalised, as the reference)."""
 
     name = "scorecam"
+    fast_model = False  # its masked passes run on a Runner of their own
     title = "Score-CAM"
     uses_gradients = False
     DEFAULTS = {**LayerMethod.DEFAULTS, "low_precision": False}
@@ -143,6 +145,7 @@ class AblationCAM(LayerMethod):
     output set to zero) / score."""
 
     name = "ablationcam"
+    fast_model = False  # its masked passes run on a Runner of their own
     title = "Ablation-CAM"
     uses_gradients = False
     OPTIONS = {"batch_size": 64}

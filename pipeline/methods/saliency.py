@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.methods.base import Explanation, MapMethod, PassNeeds, SharedPass, pass_size
+from pipeline.methods.base import Explanation, MapMethod, PassNeeds, SharedPass
+from pipeline.methods.execution import pass_size
 from pipeline.methods.hooks import Target, check_target
 
 
@@ -89,6 +90,7 @@ class Saliency(MapMethod):
     """Gradient saliency: max over colour channels of |d score / d x|; the signed gradient is an extra."""
 
     name = "saliency"
+    fast_model = True
     description = "gradient of the target score, max |.| over colour channels (Simonyan et al. 2014)"
 
     def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:
@@ -107,6 +109,7 @@ class SmoothGrad(MapMethod):
     """Saliency averaged over noisy copies of each image (Smilkov et al. 2017)."""
 
     name = "smoothgrad"
+    fast_model = True
     version = 2  # 2: each image's noise from its own generator
     DEFAULTS = {"samples": 25, "noise": 0.15, "seed": 0}
     OPTIONS = {"batch_size": 64}
@@ -132,6 +135,7 @@ class InputXGradient(MapMethod):
     attribution (Captum's ``InputXGradient``) is an extra."""
 
     name = "input_x_gradient"
+    fast_model = True
     description = "input times gradient, summed over colour channels"
 
     def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:

@@ -40,7 +40,7 @@ from pipeline.dissect import iou as iou_m
 from pipeline.dissect import selectivity as sel
 from pipeline.dissect import threshold as thr
 from pipeline.errors import PipelineError
-from pipeline.methods.base import FastLayout
+from pipeline.methods.execution import FastLayout
 from pipeline.methods.hooks import truncated_forward
 from pipeline.runtime import Context, show
 from pipeline.settings import plain

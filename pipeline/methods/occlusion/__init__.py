@@ -4,7 +4,7 @@ in ``regions`` and per-layer rules in ``rules``) and approximate engine (``appro
 sliding-window method on top of them (``sliding``). Imports point one way:
 patches <- engines, regions, rules <- krypton <- approximate <- sliding."""
 
-from pipeline.methods.base import low_precision_active
+from pipeline.methods.execution import low_precision_active
 from pipeline.methods.occlusion.engines import Engine, PlainEngine
 from pipeline.methods.occlusion.approximate import ApproximateEngine
 from pipeline.methods.occlusion.krypton import IncrementalEngine

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.methods.base import low_precision_active
+from pipeline.methods.execution import low_precision_active
 from pipeline.methods.occlusion.krypton import IncrementalEngine
 
 

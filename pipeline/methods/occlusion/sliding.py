@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError, suggest
-from pipeline.methods.base import Explanation, MapMethod, low_precision_active
+from pipeline.methods.base import Explanation, MapMethod
+from pipeline.methods.execution import low_precision_active
 from pipeline.methods.hooks import Target, check_target
 from pipeline.methods.occlusion.engines import Engine, PlainEngine
 from pipeline.methods.occlusion.approximate import ApproximateEngine
