@@ -18,7 +18,7 @@ from torch import nn
 from pipeline.errors import PipelineError
 from pipeline.methods.base import NotApplicable
 from pipeline.methods.deconvnet import relu_backward_override
-from pipeline.methods.guided import GuidedBackprop, GuidedGradCAM, _GuidedReLU
+from pipeline.methods.guided import GuidedBackprop, GuidedGradCAM, guided_rule
 from pipeline.methods.integrated_gradients import RULES, IntegratedGradients, make_baseline
 from pipeline.methods.registry import METHODS
 from pipeline.methods.saliency import InputXGradient, input_gradient
@@ -199,7 +199,7 @@ def test_guided_relu6_backward() -> None:
     inp = torch.tensor([-1.0, 0.0, 0.5, 3.0, 6.0, 7.0, 2.0, 4.0]).requires_grad_()
     grad = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, -1.0, -2.0])
     module = nn.ReLU6(inplace=True)
-    with relu_backward_override(module, _GuidedReLU):
+    with relu_backward_override(module, guided_rule):
         out = module(inp * 1)
     (g,) = torch.autograd.grad(out, inp, grad)
     assert torch.equal(out, F.relu6(inp.detach()))

@@ -31,7 +31,7 @@ Fergus project the activation itself), or of a unit signal otherwise (what Captu
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -123,22 +123,28 @@ def relu_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
 
 
-@contextmanager
-def relu_backward_override(model: nn.Module, function: type[torch.autograd.Function]) -> Iterator[None]:
-    """Within the block, every ``nn.ReLU`` / ``nn.ReLU6`` module returns ``function.apply(input,
-    upper)`` (``upper`` 6.0 for ReLU6, None for ReLU): the same forward values, the function's own
-    backward. In-place ReLUs are made out-of-place (an in-place ReLU would overwrite the input the
-    override reads); every hook and flag is restored on exit. Functional ``F.relu`` calls are not
-    reached, since only modules can be hooked."""
-    def swap(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-        return function.apply(inputs[0], 6.0 if isinstance(module, nn.ReLU6) else None)
+ReluRule = Callable[[nn.Module, tuple, Tensor], Tensor]
 
+
+def deconv_rule(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+    """The deconvnet's ReLU: the same forward values, and as its backward the ReLU of the incoming
+    gradient, whatever the forward's sign was (Zeiler & Fergus)."""
+    return _DeconvReLU.apply(inputs[0], 6.0 if isinstance(module, nn.ReLU6) else None)
+
+
+@contextmanager
+def relu_backward_override(model: nn.Module, rule: ReluRule) -> Iterator[None]:
+    """Within the block, every ``nn.ReLU`` / ``nn.ReLU6`` module's output is ``rule(module, inputs,
+    output)``: the same forward values, the rule's own backward. In-place ReLUs are made
+    out-of-place (an in-place ReLU would overwrite the input a rule may read); every hook and flag
+    is restored on exit. Functional ``F.relu`` calls are not reached, since only modules can be
+    hooked."""
     relus = relu_modules(model)
     inplace = [m.inplace for m in relus]
     try:
         for m in relus:
             m.inplace = False
-        with replacing_outputs(relus, swap):
+        with replacing_outputs(relus, rule):
             yield
     finally:
         for m, flag in zip(relus, inplace):
@@ -146,7 +152,7 @@ def relu_backward_override(model: nn.Module, function: type[torch.autograd.Funct
 
 
 def unit_projection(model: nn.Module, x: Tensor, layer: str | Sequence[str], channel: int | Sequence[int],
-                    relu_rule: type[torch.autograd.Function], *,
+                    relu_rule: ReluRule, *,
                     scale_by_activation: bool = True) -> DeconvResult:
     """The backward pass of each image's strongest unit of ``channel`` to the input, with every ReLU
     module's backward replaced by ``relu_rule`` (see :func:`relu_backward_override`): the
@@ -177,7 +183,7 @@ def deconvnet(model: nn.Module, x: Tensor, layer: str | Sequence[str],
     that backward reads the image except max-pooling's switches: on a network without max-pool
     layers the projection of a unit is the same picture for every image (see :func:`max_pools_before`).
     """
-    return unit_projection(model, x, layer, channel, _DeconvReLU, scale_by_activation=scale_by_activation)
+    return unit_projection(model, x, layer, channel, deconv_rule, scale_by_activation=scale_by_activation)
 
 
 MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,

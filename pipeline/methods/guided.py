@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from pipeline.methods.base import Explanation, LocalizerSource, MapMethod, NotApplicable, PassNeeds
 from pipeline.methods.deconvnet import DeconvResult, relu_backward_override, relu_modules, unit_projection
@@ -28,30 +28,18 @@ from pipeline.methods.hooks import Target, watching
 from pipeline.methods.saliency import input_gradient
 
 
-class _GuidedReLU(torch.autograd.Function):
-    """Forward: the module's ReLU (or ReLU6); backward: the positive part of the incoming gradient
-    where the output is strictly inside (0, upper), where the ReLU's own gradient is 1."""
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, inp: torch.Tensor, upper: float | None) -> torch.Tensor:
-        out = inp.clamp(min=0.0, max=upper)
-        ctx.upper = upper
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (out,) = ctx.saved_tensors
-        positive = grad.relu()
-        # the ReLU's (ReLU6's) own backward kernels: the gradient where 0 < out (< upper), else 0
-        if ctx.upper is None:
-            return torch.ops.aten.threshold_backward(positive, out, 0.0), None
-        return torch.ops.aten.hardtanh_backward(positive, out, 0.0, ctx.upper), None
+def guided_rule(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+    """Guided backprop's ReLU (or ReLU6): the module's own output, whose incoming gradient loses its
+    negative part before the ReLU's own backward passes it where the ReLU was linear (0 < input,
+    and < 6 for ReLU6). The ReLU runs once, as in the plain forward."""
+    if output.requires_grad:
+        output.register_hook(torch.relu)
+    return output
 
 
 def guided_gradient(model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor:
     """The guided-backprop gradient (B,C,H,W) of the target scores; the model is left as it was."""
-    with relu_backward_override(model, _GuidedReLU):
+    with relu_backward_override(model, guided_rule):
         return input_gradient(model, x, target)
 
 
@@ -59,7 +47,7 @@ def guided_projection(model: nn.Module, x: torch.Tensor, layer: str | Sequence[s
                       channel: int | Sequence[int], *, scale_by_activation: bool = True) -> DeconvResult:
     """Guided backprop of each image's strongest unit of ``channel`` in ``layer`` to the input
     (same batching and result as :func:`pipeline.methods.deconvnet.deconvnet`)."""
-    return unit_projection(model, x, layer, channel, _GuidedReLU, scale_by_activation=scale_by_activation)
+    return unit_projection(model, x, layer, channel, guided_rule, scale_by_activation=scale_by_activation)
 
 
 def require_relu_modules(model: nn.Module, x0: torch.Tensor, method: str) -> None:
