@@ -28,8 +28,8 @@ from pipeline.data.images import load_image
 from pipeline.errors import PipelineError, suggest
 from pipeline.localizers import StageLocalizers
 from pipeline.methods.base import MapMethod, SharedPass, shared_pass
-from pipeline.methods.execution import pass_size
 from pipeline.methods.cam import cam_box
+from pipeline.methods.execution import pass_size
 from pipeline.methods.metrics import box_iou, box_masks, deletion, inside_energy, insertion, pointing_mask
 from pipeline.methods.registry import METHODS, make_method
 from pipeline.runtime import Context

@@ -14,8 +14,8 @@ from torch.nn import functional as F
 from torchvision.models import resnet18, vgg11
 
 from pipeline.errors import PipelineError
-from pipeline.methods.occlusion import approximate, krypton
 from pipeline.methods.execution import low_precision_supported
+from pipeline.methods.occlusion import approximate, krypton
 from pipeline.methods.occlusion.approximate import ApproximateEngine, drill_down, interpolation_fit
 from pipeline.methods.occlusion.krypton import IncrementalEngine, theoretical_flop_ratio
 from pipeline.methods.occlusion.regions import TAU_MIN_SIZE, cap_box, window_axis

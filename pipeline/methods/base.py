@@ -81,6 +81,12 @@ class SharedPass:
     grads: dict[str, torch.Tensor]
     input_grad: torch.Tensor | None
 
+    def contiguous(self) -> SharedPass:
+        """The same pass with every tensor in the default memory layout."""
+        return SharedPass(self.x.contiguous(), self.logits, self.targets,
+                          {k: v.contiguous() for k, v in self.acts.items()}, {k: v.contiguous() for k, v in self.grads.items()},
+                          None if self.input_grad is None else self.input_grad.contiguous())
+
     def subset(self, idx: torch.Tensor) -> SharedPass:
         """The pass restricted to the images ``idx`` (an index tensor)."""
         return SharedPass(self.x[idx], self.logits[idx], self.targets[idx],
@@ -220,10 +226,7 @@ def shared_pass(model: nn.Module, x: torch.Tensor, target: Target | None, needs:
     gradient is needed, one backward pass of the target scores to the input and those layers
     together, on the model as the methods' own calls run it (:func:`on_fast_model`). ``target``
     None takes each image's predicted class."""
-    p = on_fast_model(lambda m, b: _shared_pass(m, b, target, needs), model, x)
-    return SharedPass(p.x.contiguous(), p.logits, p.targets, {k: v.contiguous() for k, v in p.acts.items()},
-                      {k: v.contiguous() for k, v in p.grads.items()},
-                      None if p.input_grad is None else p.input_grad.contiguous())
+    return on_fast_model(lambda m, b: _shared_pass(m, b, target, needs), model, x).contiguous()
 
 
 def _shared_pass(model: nn.Module, x: torch.Tensor, target: Target | None, needs: PassNeeds) -> SharedPass:
