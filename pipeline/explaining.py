@@ -67,7 +67,7 @@ def build_methods(ctx: Context, ecfg: DictConfig, names: list[str], x0: torch.Te
 def images_per_call(spec: Any, x0: torch.Tensor) -> int:
     """Images per batched method call (what is held in memory at once): a number, or ``auto``: 16
     images of 224x224 on the CPU (32 on a GPU), more of smaller ones (up to 256). Methods split a
-    call into passes of their own size (:func:`~pipeline.methods.base.pass_size`)."""
+    call into passes of their own size (:func:`~pipeline.methods.execution.pass_size`)."""
     if str(spec) == "auto":
         per = 32 if x0.device.type != "cpu" else 16
         return int(min(256, max(per, per * (224 * 224) // (x0.shape[-1] * x0.shape[-2]))))
@@ -291,7 +291,7 @@ class SplitExplainer:
         for nd in shared[1:]:
             union = union | nd
         xs, ts = x[rows].to(self.ctx.device), None if target is None else target[rows]
-        step = pass_size(xs)
+        step = pass_size(self.ctx.model.module, xs)
         try:
             return [shared_pass(self.ctx.model.module, xs[i:i + step], None if ts is None else ts[i:i + step], union)
                     for i in range(0, len(rows), step)], rows

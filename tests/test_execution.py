@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from pipeline.methods.base import PassNeeds, shared_pass
-from pipeline.methods.execution import FastLayout, channels_last_copy
+from pipeline.methods.execution import (CPU_PASS_PIXELS, PASS_MAX_IMAGES, FastLayout, channels_last_copy,
+                                        kept_bytes, pass_size)
 from pipeline.methods.hooks import truncated_forward
 from pipeline.methods.registry import make_method
 from pipeline.models.digits import DigitsCNN
@@ -78,3 +79,24 @@ def test_gradient_methods_run_on_the_channels_last_copy(name: str) -> None:
         shared = shared_pass(model, x, target, PassNeeds(input_grad=True))
         assert torch.equal(shared.input_grad, got.extras["grad"])  # the same model, the same numbers
         assert shared.input_grad.is_contiguous() and shared.x.is_contiguous()
+
+
+def test_kept_bytes_counts_what_a_pass_keeps_for_its_backward_without_the_weights() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(5, 1, 8, 8)
+    # the conv keeps its input (1x8x8 floats), the ReLU its output (4x8x8); the weight is not counted
+    assert kept_bytes(model, x) == (1 + 4) * 8 * 8 * 4
+    assert kept_bytes(model, x[:2]) == kept_bytes(model, x)  # per image, whatever the batch
+    assert kept_bytes(torch.jit.script(model), x) == 0       # not visible in TorchScript
+
+
+def test_pass_size_takes_more_images_for_big_weights_and_small_activations() -> None:
+    x = torch.randn(500, 1, 64, 64)
+    by_pixels = CPU_PASS_PIXELS // (64 * 64)
+    small = DigitsCNN().eval()               # tiny weights: the pixel rule
+    assert pass_size(small, x) == by_pixels
+    assert pass_size(small, x[:7]) == 7      # never more than the batch
+    wide = nn.Sequential(nn.Conv2d(1, 2, 3, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 16 * 16, 4096)).eval()
+    assert pass_size(wide, x) == PASS_MAX_IMAGES > by_pixels  # 16 MB of weights, little kept an image
+    big = torch.randn(4, 1, 2048, 2048)      # more pixels than one pass should hold: one image a pass
+    assert pass_size(small, big) == 1

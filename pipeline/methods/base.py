@@ -232,7 +232,7 @@ def shared_pass(model: nn.Module, x: torch.Tensor, target: Target | None, needs:
 def _shared_pass(model: nn.Module, x: torch.Tensor, target: Target | None, needs: PassNeeds) -> SharedPass:
     t_all = None if target is None else check_target(target, None, x.shape[0])
     want_grad = needs.input_grad or bool(needs.layer_grads)
-    step = pass_size(x)
+    step = pass_size(model, x)
     parts: list[SharedPass] = []
     for i in range(0, x.shape[0], step):
         part = x[i:i + step].detach().requires_grad_(want_grad)
@@ -341,7 +341,7 @@ class LayerMethod(MapMethod):
         return Explanation(upsample(cam, tuple(p.x.shape[-2:])))
 
     def attribute(self, model: nn.Module, x: torch.Tensor, target: Target) -> Explanation:
-        step = pass_size(x)
+        step = pass_size(model, x)
         t_all = check_target(target, None, x.shape[0])
         maps = []
         for i in range(0, x.shape[0], step):

@@ -3,9 +3,9 @@ straight path from a baseline image to the image, times (image - baseline).
 
 The integral is Captum's quadrature (``captum.attr._utils.approximation_methods``): the same nodes
 and weights for each rule, so the attributions are ``captum.attr.IntegratedGradients``'s. The
-B*steps path images go through the model in chunks of ``internal_batch_size``, each with one forward
-pass and one ``autograd.grad`` of the summed target scores; each chunk's gradients are weighted
-and added into one (B,C,H,W) sum at once, so memory is one chunk's graph whatever ``steps`` is.
+B*steps path images go through the model in passes of ``internal_batch_size``, each with one forward
+pass and one ``autograd.grad`` of the summed target scores; each pass's gradients are weighted
+and added into one (B,C,H,W) sum at once, so memory is one pass's graph whatever ``steps`` is.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.methods.base import Explanation, MapMethod
+from pipeline.methods.blur import gaussian_blur
 from pipeline.methods.execution import Runner
 from pipeline.methods.hooks import Target, check_target
-from pipeline.methods.blur import gaussian_blur
+from pipeline.methods.stem import split_stem
 
 RULES = ("gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right")
 BASELINES = ("zero", "blur", "mean")
@@ -74,9 +75,11 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: Target, base
                          internal_batch_size: int = 16) -> IGResult:
     """Integrated gradients of ``target`` for a batch ``x`` (B,C,H,W) from ``baseline`` (same shape).
 
-    Path image r (step-major, as Captum orders them) is image ``r % B`` at node ``r // B``. The path
-    runs through the model with its BatchNorms folded, in ``channels_last`` (:class:`~pipeline.methods.base.Runner`):
-    the same gradients, less work per step.
+    A pass holds up to ``internal_batch_size`` images at as many consecutive nodes as fit. The path
+    runs through the model with its BatchNorms folded, in ``channels_last`` (:class:`~pipeline.methods.execution.Runner`):
+    the same gradients, less work per step; from its first conv's output on where the model splits
+    there (:func:`~pipeline.methods.stem.split_stem`), with the gradients summed there and taken
+    back through that conv once per image.
     """
     x, baseline = x.detach(), baseline.detach().expand_as(x)
     b = x.shape[0]
@@ -88,19 +91,36 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: Target, base
     t = check_target(target, ends.shape[1], b).to(x.device)
     score, baseline_score = ends.gather(1, t.repeat(2)[:, None])[:, 0].split(b)
     diff = x - baseline
-    total = torch.zeros_like(x)
-    rows = b * steps
-    buf = torch.empty(min(internal_batch_size, rows), *x.shape[1:], dtype=x.dtype, device=x.device,
-                      memory_format=layout)
-    for start in range(0, rows, internal_batch_size):
-        r = torch.arange(start, min(start + internal_batch_size, rows), device=x.device)
-        image, node = r % b, r // b
-        path = torch.addcmul(baseline[image], nodes[node].view(-1, 1, 1, 1), diff[image],
-                             out=buf[:r.numel()]).requires_grad_(True)
-        with torch.enable_grad():
-            chunk_score = run(path).gather(1, t[image, None]).sum()
-        (grad,) = torch.autograd.grad(chunk_score, path)
-        total.index_add_(0, image, grad.mul_(weights[node].view(-1, 1, 1, 1)))
+    # the path in the input, or (split_stem) at the first conv's output, where it is linear too
+    stem = split_stem(run.model)
+    if stem is None:
+        start_at, step_by, forward = baseline, diff, run
+    else:
+        with torch.no_grad():
+            start_at = stem.conv(baseline.contiguous(memory_format=layout))
+            step_by = stem.linear(diff.contiguous(memory_format=layout))
+        forward = stem.rest
+    total = torch.zeros_like(start_at)
+    buf = torch.empty(min(internal_batch_size, b * steps), *start_at.shape[1:], dtype=x.dtype,
+                      device=x.device, memory_format=layout)
+    group = min(b, internal_batch_size)                # images a pass, at as many steps as fit
+    for i in range(0, b, group):
+        images = slice(i, min(i + group, b))
+        size = images.stop - i
+        for s in range(0, steps, internal_batch_size // size):
+            n = min(internal_batch_size // size, steps - s)
+            path = buf[:n * size]
+            torch.addcmul(start_at[images][None], nodes[s:s + n].view(-1, 1, 1, 1, 1), step_by[images][None],
+                          out=path.view(n, size, *path.shape[1:]))
+            path.requires_grad_(True)
+            with torch.enable_grad():
+                chunk_score = forward(path).gather(1, t[images].repeat(n)[:, None]).sum()
+            (grad,) = torch.autograd.grad(chunk_score, path)
+            path.requires_grad_(False)
+            for k in range(n):
+                total[images].add_(grad[k * size:(k + 1) * size], alpha=float(weights[s + k]))
+    if stem is not None:
+        total = stem.input_grad(total, x.shape)
     attribution = total.mul_(diff)
     delta = attribution.flatten(1).sum(1) - (score - baseline_score)
     return IGResult(attribution, score, baseline_score, delta)

@@ -13,8 +13,9 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.methods.base import Explanation, MapMethod, PassNeeds, SharedPass
-from pipeline.methods.execution import pass_size
+from pipeline.methods.execution import layout_of, pass_size
 from pipeline.methods.hooks import Target, check_target
+from pipeline.methods.stem import split_stem
 
 
 class SaliencyResult(NamedTuple):
@@ -26,9 +27,9 @@ class SaliencyResult(NamedTuple):
 
 def input_gradient(model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor:
     """d logit[target] / d x for each image (B,C,H,W): a forward and a backward pass per
-    :func:`~pipeline.methods.base.pass_size` images."""
+    :func:`~pipeline.methods.execution.pass_size` images."""
     t_all = check_target(target, None, x.shape[0])
-    step = pass_size(x)
+    step = pass_size(model, x)
     grads = []
     for i in range(0, x.shape[0], step):
         part = x[i:i + step].detach().requires_grad_(True)
@@ -49,7 +50,9 @@ def saliency(model: nn.Module, x: torch.Tensor, target: Target, samples: int = 0
     drawn for each image from its own generator seeded with ``seed`` (so an image's map is the same
     on any device and in any batch). The noisy copies go through the model together, up to
     ``batch_size`` images per pass (as Captum's NoiseTunnel does by default), which is what makes
-    SmoothGrad cost less than ``samples`` separate passes.
+    SmoothGrad cost less than ``samples`` separate passes; where the model splits after its first
+    conv (:func:`~pipeline.methods.stem.split_stem`), their gradients are summed there and taken
+    back through that conv once per image.
     """
     if samples < 0 or noise < 0 or batch_size < 1:
         raise PipelineError(
@@ -67,15 +70,30 @@ def saliency(model: nn.Module, x: torch.Tensor, target: Target, samples: int = 0
             raise PipelineError(f"Got {t.numel()} target classes for {b} images; give one per "
                                 "image or a single class for all.")
         t = t.expand(b)
-        grad = torch.zeros_like(x)
+        # the copies' gradients summed in the input, or (split_stem) at the first conv's output and
+        # taken back through that conv once
+        stem = split_stem(model)
+        layout = layout_of(x)
+        total: torch.Tensor | None = None
         per_pass = max(1, batch_size // b)          # noisy copies of the whole batch per pass
         for start in range(0, samples, per_pass):
             n = min(per_pass, samples - start)
             # copy k of image i is the k-th draw of image i's generator, whatever the batching
             eps = torch.stack([torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in gens])
                                for _ in range(n)]).to(x.device)
-            noisy = (x.detach()[None] + sigma[None] * eps).flatten(0, 1)
-            grad += input_gradient(model, noisy, t.repeat(n)).view(n, *x.shape).sum(0)
+            noisy = (x.detach()[None] + sigma[None] * eps).flatten(0, 1).contiguous(memory_format=layout)
+            if stem is None:
+                part = input_gradient(model, noisy, t.repeat(n))
+            else:
+                with torch.no_grad():
+                    noisy = stem.conv(noisy)
+                part = input_gradient(stem.rest, noisy, t.repeat(n))
+            if total is None:
+                total = torch.zeros_like(part[:b])
+            for k in range(n):  # copy by copy: a sum over a 5-D channels_last view is slow
+                total.add_(part[k * b:(k + 1) * b])
+        assert total is not None
+        grad = total if stem is None else stem.input_grad(total, x.shape)
         grad /= samples
     return SaliencyResult(grad, grad.abs().amax(1))
 
