@@ -47,15 +47,23 @@ def explain(model: Any, x: Any, method: str, target: Any = None, layer: str | No
     model's head reads); ``settings`` the method's other settings (as in ``explain.<method>``)."""
     import torch
 
+    from pipeline.methods.hooks import channel_mismatch, check_images
     from pipeline.methods.registry import make_method
 
+    x = check_images(x)
     if layer is not None:
         settings = {**settings, "layer": layer}
     model.eval()
-    if target is None:
-        with torch.no_grad():
-            target = model(x).argmax(1)
-    return make_method(method, settings).prepare(model, x[:1]).attribute(model, x, target).maps
+    try:
+        if target is None:
+            with torch.no_grad():
+                target = model(x).argmax(1)
+        return make_method(method, settings).prepare(model, x[:1]).attribute(model, x, target).maps
+    except RuntimeError as err:
+        mismatch = channel_mismatch(model, x)
+        if mismatch is not None:
+            raise mismatch from err
+        raise
 
 
 __all__ = ["explain"]

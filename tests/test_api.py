@@ -44,3 +44,16 @@ def test_run_raises_the_projects_errors_instead_of_exiting(tmp_path: Path) -> No
     assert issubclass(AuditFailed, PipelineError)
     with pytest.raises(PipelineError, match="not a setting of saliency"):
         pipeline.explain(DigitsCNN(), torch.randn(1, 1, 64, 64), "saliency", layer="features.conv1")
+
+
+def test_explain_names_images_it_cannot_take() -> None:
+    model = DigitsCNN()
+    with pytest.raises(PipelineError, match=r"first conv reads 1 channel\(s\) but the images have 3"):
+        pipeline.explain(model, torch.randn(2, 3, 64, 64), "saliency", target=0)
+    with pytest.raises(PipelineError, match=r"For one image \(C,H,W\), pass x\[None\]"):
+        pipeline.explain(model, torch.randn(1, 64, 64), "saliency")
+    with pytest.raises(PipelineError, match="must be floating point, got torch.uint8"):
+        pipeline.explain(model, torch.zeros(1, 1, 64, 64, dtype=torch.uint8), "saliency")
+    with pytest.raises(PipelineError, match="must be a torch tensor"):
+        pipeline.explain(model, [[0.0]], "saliency")
+    assert pipeline.explain(model, torch.randn(2, 1, 64, 64), "saliency", target=0).shape == (2, 64, 64)

@@ -45,7 +45,7 @@ def pass_size(model: nn.Module, x: torch.Tensor) -> int:
     if x.device.type != "cpu":
         return x.shape[0]
     by_pixels = CPU_PASS_PIXELS // (x.shape[-2] * x.shape[-1])
-    kept = kept_bytes(model, x)
+    kept = kept_bytes(model, x) if x.shape[0] > by_pixels else 0  # no pass to size otherwise
     if kept:
         weights = sum(t.numel() * t.element_size() for t in model.parameters())
         by_weights = min(-(-PASS_WEIGHT_RATIO * weights // kept), PASS_MAX_IMAGES, PASS_MAX_BYTES // kept)

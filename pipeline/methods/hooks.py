@@ -279,6 +279,32 @@ def check_target(target: Target, num_classes: int | None, batch: int | None = No
     return t
 
 
+def check_images(x: object) -> torch.Tensor:
+    """``x`` when it is a batch of images: a float tensor (B,C,H,W); else a PipelineError naming
+    the problem and the fix."""
+    if not isinstance(x, torch.Tensor):
+        raise PipelineError(f"The images must be a torch tensor (B,C,H,W), got {type(x).__name__}; "
+                            "convert them with the model's transform and torch.stack.")
+    if x.dim() != 4:
+        hint = " For one image (C,H,W), pass x[None]." if x.dim() == 3 else ""
+        raise PipelineError(f"The images must be a batch (B,C,H,W), got shape {tuple(x.shape)}.{hint}")
+    if not x.is_floating_point():
+        raise PipelineError(f"The images must be floating point, got {x.dtype}; use the model's transform "
+                            "(or x.float() / 255 and its normalisation).")
+    return x
+
+
+def channel_mismatch(model: nn.Module, x: torch.Tensor) -> PipelineError | None:
+    """The error to raise when ``model``'s first conv reads another number of channels than the
+    images ``x`` have (asked once the model has failed on them), else None."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None or first.in_channels == x.shape[1]:
+        return None
+    return PipelineError(f"The model's first conv reads {first.in_channels} channel(s) but the images have "
+                         f"{x.shape[1]} (shape {tuple(x.shape)}); convert them with the model's transform "
+                         "(a grayscale model takes 1 channel, an RGB model 3).")
+
+
 def require_conv_output(output: torch.Tensor, layer: str, model: nn.Module, method: str) -> None:
     """Raise a PipelineError naming conv layers when ``layer``'s output is not a (B,C,H,W) map."""
     if output.dim() != 4:
