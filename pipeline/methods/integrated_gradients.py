@@ -5,7 +5,7 @@ The integral is Captum's quadrature (``captum.attr._utils.approximation_methods`
 and weights for each rule, so the attributions are ``captum.attr.IntegratedGradients``'s. The
 B*steps path images go through the model in passes of ``internal_batch_size``, each with one forward
 pass and one ``autograd.grad`` of the summed target scores; each pass's gradients are weighted
-and added into one (B,C,H,W) sum at once, so memory is one pass's graph whatever ``steps`` is.
+and added into one sum per image at once, so memory is one pass's graph whatever ``steps`` is.
 """
 
 from __future__ import annotations
