@@ -88,6 +88,8 @@ def test_kept_bytes_counts_what_a_pass_keeps_for_its_backward_without_the_weight
     assert kept_bytes(model, x) == (1 + 4) * 8 * 8 * 4
     assert kept_bytes(model, x[:2]) == kept_bytes(model, x)  # per image, whatever the batch
     assert kept_bytes(torch.jit.script(model), x) == 0       # not visible in TorchScript
+    bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).train()
+    assert kept_bytes(bn, x) == 0 and bn[1].num_batches_tracked == 0  # no forward that moves its statistics
 
 
 def test_pass_size_takes_more_images_for_big_weights_and_small_activations() -> None:

@@ -60,12 +60,13 @@ _KEPT: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], int]] = weakre
 def kept_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes of activations a forward pass of ``model`` keeps for its backward, for one image of
     ``x`` (its weights not counted): measured once per model and input shape on one image, 0 where
-    that cannot be seen (a TorchScript model, a forward that fails: its own pass then says why)."""
+    that cannot be seen (a TorchScript model, a forward that fails: its own pass then says why) or
+    should not be (a model in train mode, whose forward moves its BatchNorm statistics)."""
     layout = layout_of(x)
     key = (tuple(x.shape[1:]), x.dtype, layout)
     known = _KEPT.setdefault(model, {})
-    if key not in known and is_scripted(model):
-        known[key] = 0
+    if is_scripted(model) or model.training:  # a forward in train mode would move BatchNorm statistics
+        return 0
     if key not in known:
         weights = {t.data_ptr() for t in (*model.parameters(), *model.buffers())}
         seen: set[int] = set()
